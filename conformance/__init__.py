@@ -1,0 +1,1 @@
+"""Conformance suite: proves, with evidence, what a worker's isolation actually does."""

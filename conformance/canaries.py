@@ -1,0 +1,86 @@
+"""The secrets a worker under test holds, which a leak would reveal.
+
+One random secret, planted where the page says a job must not reach it: the
+worker's environment (DATABASE_URL, hence also its memory), a file outside the
+job dir, an fd the worker keeps open on that file, and a loopback TCP listener.
+Probes look for the public marker; reports mask the random part.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER = "ORVANTA_CANARY"
+
+
+@dataclass
+class Canaries:
+    secret: str
+    secret_file: Path
+    write_dir: Path
+    fd: int = -1
+    port: int = 0
+    _listener: socket.socket | None = field(default=None, repr=False)
+
+    @classmethod
+    def plant(cls, root: Path) -> Canaries:
+        secret = f"{MARKER}_{secrets.token_hex(12)}"
+        vault = root / "vault"
+        vault.mkdir(parents=True, exist_ok=True)
+        secret_file = vault / "credentials.txt"
+        secret_file.write_text(f"{MARKER} file: db_password={secret}\n")
+        secret_file.chmod(0o600)
+        write_dir = root / "outside"
+        write_dir.mkdir(exist_ok=True)
+        write_dir.chmod(0o777)
+        canaries = cls(secret, secret_file, write_dir)
+        canaries.fd = os.open(secret_file, os.O_RDONLY)
+        os.set_inheritable(canaries.fd, True)
+        return canaries
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://orvanta:{self.secret}@127.0.0.1:5432/orvanta"
+
+    def listen(self) -> int:
+        """A loopback listener in this network namespace that hands out the marker."""
+        sock = socket.create_server(("127.0.0.1", 0))
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        return self.port
+
+    def _serve(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(f"{MARKER} listener\n".encode())
+
+    def job_env(self, token: str, limits: dict[str, int]) -> dict[str, str]:
+        """What a probe job is told: where the canaries are (not what they hold)."""
+        env = {
+            "CANARY_FILE": str(self.secret_file),
+            "CANARY_WRITE_DIR": str(self.write_dir),
+            "CANARY_PORT": str(self.port),
+            "PROBE_TOKEN": token,
+        }
+        env.update({f"PROBE_LIMIT_{k.upper()}": str(v) for k, v in limits.items()})
+        return env
+
+    def mask(self, text: str) -> str:
+        return text.replace(self.secret, f"{MARKER}_***")
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

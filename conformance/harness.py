@@ -1,0 +1,211 @@
+"""One cell under test: real `orvanta worker` processes holding canaries, probes sent as jobs.
+
+For a table cell two workers share the cell's queue: the first runs a
+long-lived "neighbour" job (the concurrently running job the page says others
+must not reach), the second runs the probes one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conformance.canaries import Canaries
+from conformance.matrix import Cell, Matrix, Probe
+from conformance.platforms import Platform, WorkerProcess
+from runtime.executor import JobResult
+from runtime.queue import JobQueue
+
+READY_LINE = "pulling jobs from"
+START_TIMEOUT = 60.0
+PROBE_TIMEOUT = 60.0
+ISOLATION_VARS = (
+    "ENABLE_UNSHARE_PID",
+    "UNSHARE_ISOLATION_FLAGS",
+    "UNSHARE_TINI_PATH",
+    "DISABLE_NSJAIL",
+    "DISABLE_NUSER",
+    "NSJAIL_PATH",
+    "JOB_ISOLATION",
+    "ORVANTA_NSJAIL_NETWORK",
+    "DATABASE_URL",
+)
+LIMIT_VARS = {
+    "memory_mb": "ORVANTA_JOB_MEMORY_MB",
+    "pids": "ORVANTA_JOB_PIDS",
+    "cpu_seconds": "ORVANTA_JOB_CPU_SECONDS",
+    "file_mb": "ORVANTA_JOB_FILE_SIZE_MB",
+}
+NEIGHBOUR = """import os, sys
+open("neighbour.txt", "w").write("neighbour job data\\n")
+argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]
+os.execv(sys.executable, argv)
+"""
+
+
+class HarnessError(RuntimeError):
+    """The cell could not be set up; the message carries the worker's log."""
+
+
+@dataclass
+class ProbeRun:
+    """What one probe did in one cell: the job record, its verdict, and what survived it."""
+
+    cell: str
+    probe: str
+    result: JobResult
+    verdict: dict[str, Any] | None
+    survivors: list[str] = field(default_factory=list)
+
+    @property
+    def outcome(self) -> str:
+        if self.verdict is None:
+            return "error"
+        return str(self.verdict.get("outcome", "error"))
+
+
+def parse_verdict(stdout: str) -> dict[str, Any] | None:
+    """The probe's JSON verdict: its last non-empty stdout line."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        return None
+    try:
+        verdict = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    return verdict if isinstance(verdict, dict) else None
+
+
+class CellSession:
+    def __init__(self, matrix: Matrix, cell: Cell, platform: Platform, root: Path) -> None:
+        self.matrix = matrix
+        self.cell = cell
+        self.platform = platform
+        self.root = root
+        self.state_dir = root / "state"
+        self.canaries = Canaries.plant(root)
+        self.workers: list[tuple[WorkerProcess, Path]] = []
+        self.queue: JobQueue | None = None
+        self.neighbour_id: str | None = None
+        self.exit_code: int | None = None  # set when the worker refused to start
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.canaries.listen()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        first = self._spawn("worker-a")
+        if self.cell.kind == "refuses_start":
+            proc, _ = first
+            try:
+                self.exit_code = proc.wait(timeout=START_TIMEOUT)
+            except Exception as exc:
+                raise HarnessError(
+                    f"worker did not exit within {START_TIMEOUT:g}s: {self.startup_log()}"
+                ) from exc
+            return
+        self._wait_ready(first)
+        self.queue = JobQueue.in_state_dir(self.state_dir)
+        if self.cell.kind == "table":
+            self.neighbour_id = self.queue.submit("python3", self._script(NEIGHBOUR), {}, 900)
+            self._wait_running(self.neighbour_id)
+            self._wait_ready(self._spawn("worker-b"))
+
+    def close(self) -> None:
+        if self.queue is not None and self.neighbour_id is not None:
+            self.queue.cancel(self.neighbour_id)
+        for proc, _ in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in self.workers:
+            try:
+                proc.wait(timeout=15)
+            except Exception:
+                proc.kill()
+                proc.wait()
+        if self.queue is not None:
+            self.queue.close()
+        self.canaries.close()
+
+    # -- probes ----------------------------------------------------------------------------
+    def run_probe(self, probe: Probe) -> ProbeRun:
+        assert self.queue is not None, "cell not started"
+        token = secrets.token_hex(8)
+        env = self.canaries.job_env(token, self.matrix.limits)
+        job_id = self.queue.submit(
+            probe.language, self._script(probe.script.read_text()), env, PROBE_TIMEOUT
+        )
+        job = self.queue.wait(job_id, PROBE_TIMEOUT + 30)
+        assert job.result is not None
+        survivors = self.platform.survivors(token)
+        return ProbeRun(
+            self.cell.id, probe.name, job.result, parse_verdict(job.result.stdout), survivors
+        )
+
+    def run_script(self, language: str, script: str) -> JobResult:
+        assert self.queue is not None, "cell not started"
+        job = self.queue.wait(self.queue.submit(language, self._script(script), {}, 30), 60)
+        assert job.result is not None
+        return job.result
+
+    def startup_log(self) -> str:
+        """The first worker's log, with the canary secret masked."""
+        if not self.workers:
+            return ""
+        return self.canaries.mask(self.workers[0][1].read_text(errors="replace"))
+
+    def workers_alive(self) -> bool:
+        return all(proc.poll() is None for proc, _ in self.workers)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _script(self, text: str) -> str:
+        return f"# sandbox\n{text}" if self.cell.annotate else text
+
+    def _worker_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ISOLATION_VARS}
+        env.update(self.cell.env)
+        env.update(
+            {
+                var: str(self.matrix.limits[k])
+                for k, var in LIMIT_VARS.items()
+                if k in self.matrix.limits
+            }
+        )
+        env["DATABASE_URL"] = self.canaries.database_url
+        env["ORVANTA_STATE_DIR"] = str(self.state_dir)
+        env["ORVANTA_JOB_TIMEOUT"] = str(int(PROBE_TIMEOUT))
+        return env
+
+    def _spawn(self, name: str) -> tuple[WorkerProcess, Path]:
+        log_path = self.root / f"{name}.log"
+        proc = self.platform.spawn_worker(self._worker_env(), log_path, (self.canaries.fd,))
+        self.workers.append((proc, log_path))
+        return proc, log_path
+
+    def _wait_ready(self, worker: tuple[WorkerProcess, Path]) -> None:
+        proc, log_path = worker
+        end = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < end:
+            if READY_LINE in log_path.read_text(errors="replace"):
+                return
+            if proc.poll() is not None:
+                raise HarnessError(
+                    f"worker exited with {proc.poll()} at start:\n"
+                    f"{self.canaries.mask(log_path.read_text(errors='replace'))}"
+                )
+            time.sleep(0.02)
+        raise HarnessError(f"worker not ready after {START_TIMEOUT:g}s:\n{log_path.read_text()}")
+
+    def _wait_running(self, job_id: str) -> None:
+        assert self.queue is not None
+        end = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < end:
+            job = self.queue.get(job_id)
+            if job is not None and job.status != "queued":
+                return
+            time.sleep(0.02)
+        raise HarnessError(f"neighbour job {job_id} was never picked up")

@@ -1,0 +1,214 @@
+"""matrix.yaml as typed data: the documented table, the probes, the platforms and the cells.
+
+Every mistake in the file is reported with its place and what would be valid,
+because the matrix is what a platform team edits to describe their own worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BACKENDS = ("none", "unshare", "nsjail")
+OUTCOMES = ("blocked", "exposed")
+PROBES_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "probes"
+
+
+class MatrixError(ValueError):
+    def __init__(self, path: Path, where: str, problem: str) -> None:
+        super().__init__(f"{path}: {where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One property of the comparison table: its documented value per backend."""
+
+    name: str
+    req: str
+    values: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    row: str  # the table property it attacks
+    req: tuple[str, ...]
+    script: Path
+
+    @property
+    def language(self) -> str:
+        return "bash" if self.script.suffix == ".sh" else "python3"
+
+
+@dataclass(frozen=True)
+class Override:
+    outcome: str
+    kind: str  # documented | finding
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    platform: str
+    backend: str
+    env: dict[str, str]
+    kind: str  # table | refuses_start | job_error
+    message: str  # what refuses_start / job_error must contain
+    req: tuple[str, ...]
+    annotate: bool = False
+    overrides: dict[str, Override] = field(default_factory=dict)
+    startup_log: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Matrix:
+    path: Path
+    table: dict[str, Row]
+    protected: tuple[str, ...]
+    probes: dict[str, Probe]
+    platforms: dict[str, dict[str, Any]]
+    limits: dict[str, int]
+    cells: list[Cell]
+
+    def documented(self, cell: Cell, probe: Probe) -> str:
+        """The outcome the page's table promises for this probe in this cell."""
+        value = self.table[probe.row].values[cell.backend]
+        if value == "optional":  # nsjail network: isolated unless the cell shares it
+            value = "no" if cell.env.get("ORVANTA_NSJAIL_NETWORK") == "shared" else "yes"
+        return "blocked" if value in self.protected else "exposed"
+
+    def expected(self, cell: Cell, probe: Probe) -> tuple[str, Override | None]:
+        override = cell.overrides.get(probe.name)
+        if override is not None:
+            return override.outcome, override
+        return self.documented(cell, probe), None
+
+
+def load(path: Path) -> Matrix:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise MatrixError(
+            path, "file", f"cannot read it ({exc.strerror}); pass --matrix=PATH"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise MatrixError(path, "file", f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MatrixError(path, "file", "expected a mapping with table, probes, platforms, cells")
+    table = {name: _row(path, name, spec) for name, spec in _section(path, raw, "table").items()}
+    probes = {n: _probe(path, n, s, table) for n, s in _section(path, raw, "probes").items()}
+    platforms = _section(path, raw, "platforms")
+    cells = [_cell(path, i, spec, platforms, probes) for i, spec in enumerate(raw.get("cells", []))]
+    ids = [c.id for c in cells]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise MatrixError(path, "cells", f"duplicate ids {dupes}; every cell id must be unique")
+    return Matrix(
+        path=path,
+        table=table,
+        protected=tuple(raw.get("protected", ())),
+        probes=probes,
+        platforms=platforms,
+        limits={k: int(v) for k, v in raw.get("limits", {}).items()},
+        cells=cells,
+    )
+
+
+def _section(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
+    section = raw.get(name)
+    if not isinstance(section, dict) or not section:
+        raise MatrixError(path, name, "missing or empty; it must be a mapping")
+    return section
+
+
+def _row(path: Path, name: str, spec: dict[str, Any]) -> Row:
+    missing = [b for b in BACKENDS if b not in spec]
+    if missing:
+        raise MatrixError(path, f"table.{name}", f"no value for backend(s) {missing}")
+    return Row(name, str(spec.get("req", "")), {b: _text(spec[b]) for b in BACKENDS})
+
+
+def _text(value: Any) -> str:
+    """YAML 1.1 reads unquoted yes/no as booleans; the table means the words."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _probe(path: Path, name: str, spec: dict[str, Any], table: dict[str, Row]) -> Probe:
+    if spec.get("property") not in table:
+        raise MatrixError(
+            path,
+            f"probes.{name}.property",
+            f"{spec.get('property')!r} is not one of {sorted(table)}",
+        )
+    scripts = [p for p in (PROBES_DIR / f"{name}.py", PROBES_DIR / f"{name}.sh") if p.is_file()]
+    if not scripts:
+        raise MatrixError(
+            path, f"probes.{name}", f"no script {name}.py or {name}.sh in {PROBES_DIR}"
+        )
+    return Probe(name, spec["property"], tuple(spec.get("req", ())), scripts[0])
+
+
+def _cell(
+    path: Path,
+    index: int,
+    spec: dict[str, Any],
+    platforms: dict[str, Any],
+    probes: dict[str, Probe],
+) -> Cell:
+    where = f"cells[{index}] ({spec.get('id', 'no id')})"
+    if not spec.get("id"):
+        raise MatrixError(path, where, "every cell needs an id like host/unshare/default-flags")
+    if spec.get("platform") not in platforms:
+        raise MatrixError(
+            path, where, f"platform {spec.get('platform')!r} not in {sorted(platforms)}"
+        )
+    if spec.get("backend") not in BACKENDS:
+        raise MatrixError(path, where, f"backend {spec.get('backend')!r} not in {list(BACKENDS)}")
+    expect = spec.get("expect", "table")
+    if expect == "table":
+        kind, message = "table", ""
+    elif (
+        isinstance(expect, dict)
+        and len(expect) == 1
+        and next(iter(expect))
+        in (
+            "refuses_start",
+            "job_error",
+        )
+    ):
+        kind, message = next(iter(expect.items()))
+    else:
+        raise MatrixError(
+            path,
+            where,
+            f"expect {expect!r}: use table, {{refuses_start: TEXT}} or {{job_error: TEXT}}",
+        )
+    overrides = {}
+    for name, o in (spec.get("overrides") or {}).items():
+        if name not in probes:
+            raise MatrixError(path, f"{where}.overrides", f"unknown probe {name!r}")
+        if o.get("outcome") not in OUTCOMES or o.get("kind") not in ("documented", "finding"):
+            raise MatrixError(
+                path,
+                f"{where}.overrides.{name}",
+                "needs outcome: blocked|exposed and kind: documented|finding",
+            )
+        overrides[name] = Override(o["outcome"], o["kind"], str(o.get("reason", "")))
+    return Cell(
+        id=str(spec["id"]),
+        platform=spec["platform"],
+        backend=spec["backend"],
+        env={str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+        kind=kind,
+        message=str(message),
+        req=tuple(spec.get("req", ())),
+        annotate=bool(spec.get("annotate", False)),
+        overrides=overrides,
+        startup_log=tuple(spec.get("startup_log", ())),
+    )

@@ -1,0 +1,55 @@
+"""Where a worker under test runs: a registry of platforms, one small module each.
+
+A platform starts worker processes with a given environment, lists processes by
+a marker (to catch a job's survivors) and reports facts about itself. Jobs reach
+the workers through the queue in the cell's state dir, which every platform
+shares with the harness.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class WorkerProcess(Protocol):
+    def poll(self) -> int | None: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class Platform(Protocol):
+    name: str
+
+    def spawn_worker(
+        self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
+    ) -> WorkerProcess:
+        """Start `orvanta worker` with exactly this environment, logging to log_path."""
+
+    def survivors(self, marker: str) -> list[str]:
+        """Command lines of live processes whose argv contains marker."""
+
+    def facts(self) -> dict[str, Any]:
+        """Kernel, capabilities, seccomp... of the place workers run, for the report."""
+
+    def close(self) -> None: ...
+
+
+PLATFORMS = {"host": "conformance.platforms.host:HostPlatform"}
+
+
+class UnknownPlatformError(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown platform {name!r}; known: {', '.join(sorted(PLATFORMS))}")
+
+
+def open_platform(name: str, options: dict[str, Any]) -> Platform:
+    try:
+        target = PLATFORMS[name]
+    except KeyError:
+        raise UnknownPlatformError(name) from None
+    module_name, _, class_name = target.partition(":")
+    module = __import__(module_name, fromlist=[class_name])
+    platform: Platform = getattr(module, class_name)(options)
+    return platform

@@ -1,0 +1,63 @@
+"""The machine itself: workers are local processes started the way an operator would."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class HostPlatform:
+    name = "host"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def spawn_worker(
+        self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
+    ) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "runtime.cli", "worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
+                start_new_session=True,
+            )
+
+    def survivors(self, marker: str) -> list[str]:
+        found = []
+        needle = marker.encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if needle in cmdline:
+                args = cmdline.replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry}: {args}")
+        return found
+
+    def facts(self) -> dict[str, Any]:
+        status = Path("/proc/self/status").read_text().splitlines()
+        wanted = ("CapEff", "CapBnd", "Seccomp", "NoNewPrivs")
+        return {
+            "platform": self.name,
+            "kernel": platform.release(),
+            **{
+                line.split(":")[0]: line.split(":")[1].strip()
+                for line in status
+                if line.split(":")[0] in wanted
+            },
+        }
+
+    def close(self) -> None:
+        pass

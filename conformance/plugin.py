@@ -1,0 +1,121 @@
+"""pytest plugin (entry point `pytest11: orvanta`): options, the req marker, cell fixtures.
+
+Tests are generated from matrix.yaml: each test function declares which
+arguments it needs (`cell`, `probe`) and which kind of cell it checks;
+`pytest_generate_tests` fills them in, filtered by --backend and --platform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conformance.harness import CellSession, ProbeRun
+from conformance.matrix import BACKENDS, Cell, Matrix, load
+from conformance.platforms import open_platform
+
+MATRIX_KEY = pytest.StashKey[Matrix]()
+RUNS_KEY = pytest.StashKey[list[ProbeRun]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("orvanta", "Orvanta isolation conformance")
+    group.addoption(
+        "--backend",
+        default="all",
+        choices=(*BACKENDS, "all"),
+        help="isolation backend whose cells to run (default: all)",
+    )
+    group.addoption(
+        "--platform",
+        default="host",
+        help="platform whose cells to run: host, a container platform, or all",
+    )
+    group.addoption(
+        "--matrix",
+        default="matrix.yaml",
+        type=Path,
+        help="the conformance matrix (default: matrix.yaml)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "req(*ids): SPEC.md requirement IDs this test covers")
+    config.addinivalue_line("markers", "cell_kind(kind): the kind of matrix cell a test checks")
+    config.stash[RUNS_KEY] = []
+
+
+def matrix_of(config: pytest.Config) -> Matrix:
+    if MATRIX_KEY not in config.stash:
+        path = Path(config.getoption("matrix"))
+        if not path.is_absolute():
+            path = Path(config.rootpath) / path
+        config.stash[MATRIX_KEY] = load(path)
+    return config.stash[MATRIX_KEY]
+
+
+def selected_cells(config: pytest.Config) -> list[Cell]:
+    backend = config.getoption("backend")
+    platform = config.getoption("platform")
+    return [
+        cell
+        for cell in matrix_of(config).cells
+        if backend in ("all", cell.backend) and platform in ("all", cell.platform)
+    ]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" not in metafunc.fixturenames:
+        return
+    kind_marker = metafunc.definition.get_closest_marker("cell_kind")
+    kinds = set(kind_marker.args) if kind_marker else {"table", "refuses_start", "job_error"}
+    cells = [c for c in selected_cells(metafunc.config) if c.kind in kinds]
+    if "startup_log" in kinds:
+        cells = [c for c in selected_cells(metafunc.config) if c.startup_log]
+    metafunc.parametrize(
+        "cell",
+        [
+            pytest.param(c, id=c.id, marks=[pytest.mark.req(*c.req), pytest.mark.xdist_group(c.id)])
+            for c in cells
+        ],
+        indirect=True,
+        scope="session",
+    )
+    if "probe" in metafunc.fixturenames:
+        probes = matrix_of(metafunc.config).probes.values()
+        metafunc.parametrize(
+            "probe", [pytest.param(p, id=p.name, marks=pytest.mark.req(*p.req)) for p in probes]
+        )
+
+
+@pytest.fixture(scope="session")
+def matrix(request: pytest.FixtureRequest) -> Matrix:
+    return matrix_of(request.config)
+
+
+@pytest.fixture(scope="session")
+def cell(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CellSession]:
+    """A started cell: its workers, canaries and queue; torn down when its tests are done."""
+    spec: Cell = request.param
+    matrix = matrix_of(request.config)
+    platform = open_platform(spec.platform, matrix.platforms.get(spec.platform, {}))
+    root = tmp_path_factory.mktemp(spec.id.replace("/", "_"))
+    session = CellSession(matrix, spec, platform, root)
+    try:
+        session.start()
+        yield session
+    finally:
+        session.close()
+        platform.close()
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Iterator[list[ProbeRun]]:
+    """Probe runs recorded here are kept for the session's report."""
+    runs: list[ProbeRun] = []
+    yield runs
+    request.config.stash[RUNS_KEY].extend(runs)

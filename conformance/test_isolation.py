@@ -1,0 +1,69 @@
+"""The isolation-comparison table, asserted cell by cell and probe by probe (matrix.yaml).
+
+Four functions cover every cell kind; cells and probes are data.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conformance.harness import CellSession, ProbeRun
+from conformance.matrix import Matrix, Probe
+
+
+@pytest.mark.cell_kind("table")
+@pytest.mark.req("R-JOB-3", "R-SEL-6")
+def test_probe(cell: CellSession, probe: Probe, matrix: Matrix, record: list[ProbeRun]) -> None:
+    """The probe's outcome is what the table (or a reasoned override) says for this cell."""
+    run = cell.run_probe(probe)
+    record.append(run)
+    expected, override = matrix.expected(cell.cell, probe)
+    evidence = cell.canaries.mask(
+        json.dumps(
+            run.verdict
+            or {
+                "stdout": run.result.stdout[-800:],
+                "stderr": run.result.stderr[-800:],
+                "log": run.result.log,
+            }
+        )
+    )
+    assert run.result.isolation == cell.cell.backend, (
+        f"job ran under {run.result.isolation!r}, cell expects {cell.cell.backend!r}: "
+        f"{run.result.log}"
+    )
+    assert run.outcome != "error", f"probe {probe.name} could not run: {evidence}"
+    why = f" ({override.kind}: {override.reason})" if override else ""
+    assert run.outcome == expected, (
+        f"{probe.name} [{probe.row}] was {run.outcome}, expected {expected}{why}: {evidence}"
+    )
+    assert not run.survivors, f"processes of the job outlived it (R-JOB-3): {run.survivors}"
+
+
+@pytest.mark.cell_kind("refuses_start")
+def test_refuses_start(cell: CellSession) -> None:
+    """The worker exits at start with the documented message (R-PID-3, R-CFG-7)."""
+    log = cell.startup_log()
+    assert cell.exit_code not in (None, 0), f"worker started; expected a refusal:\n{log}"
+    assert cell.cell.message in log, f"refusal lacks {cell.cell.message!r}:\n{log}"
+
+
+@pytest.mark.cell_kind("job_error")
+def test_jobs_fail_clearly(cell: CellSession) -> None:
+    """Every job fails with a clear error and the worker keeps running (R-SEL-5, R-ANN-2)."""
+    result = cell.run_script("bash", "echo ran-unsandboxed\n")
+    assert result.status == "error", f"job was not refused: {result}"
+    assert "ran-unsandboxed" not in result.stdout, "the job ran although it must not"
+    assert cell.cell.message in result.stderr, f"error lacks {cell.cell.message!r}: {result.stderr}"
+    assert cell.workers_alive(), f"the worker died:\n{cell.startup_log()}"
+
+
+@pytest.mark.cell_kind("startup_log")
+@pytest.mark.req("R-OPS-1")
+def test_startup_log(cell: CellSession) -> None:
+    """The worker says at start which isolation is active, and what it found (R-OPS-1)."""
+    log = cell.startup_log()
+    missing = [line for line in cell.cell.startup_log if line not in log]
+    assert not missing, f"start-up log lacks {missing}:\n{log}"

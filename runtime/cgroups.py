@@ -1,0 +1,115 @@
+"""Control groups: nsjail's parent groups, and one tracking group per job (R-JOB-3).
+
+A job's processes can leave its process group (setsid) or double-fork, but
+they cannot leave its cgroup. On cgroup v1 the tracking group lives in the
+freezer hierarchy, which nsjail leaves alone (it moves jailed processes into
+its own memory/pids/cpu groups), so freeze-kill-thaw reaches every process a
+job ever started. Where cgroups are read-only (an unprivileged container),
+the worker falls back to being a child subreaper (see `runtime.reaper`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger("orvanta.cgroups")
+
+ROOT = Path("/sys/fs/cgroup")
+PARENT = "orvanta"
+NSJAIL_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+def is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def ensure_nsjail_parents() -> None:
+    """nsjail on cgroup v1 creates its per-jail groups under <controller>/orvanta."""
+    if is_v2():
+        return
+    for controller in NSJAIL_CONTROLLERS:
+        base = ROOT / controller
+        if base.is_dir():
+            try:
+                (base / PARENT).mkdir(exist_ok=True)
+            except OSError as exc:
+                log.debug("cannot create %s/%s: %s", base, PARENT, exc)
+
+
+class JobCgroup:
+    """A cgroup holding every process of one job, so that all of them can be killed."""
+
+    def __init__(self, path: Path, v2: bool) -> None:
+        self.path = path
+        self.v2 = v2
+
+    @classmethod
+    def create(cls, job_id: str) -> JobCgroup | None:
+        """A fresh group for the job, or None where this process may not make one."""
+        v2 = is_v2()
+        base = ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
+        try:
+            base.mkdir(exist_ok=True)
+            path = base / f"job-{job_id}"
+            path.mkdir(exist_ok=True)
+        except OSError as exc:
+            log.debug("no tracking cgroup for job %s: %s", job_id, exc)
+            return None
+        return cls(path, v2)
+
+    @property
+    def procs_file(self) -> str:
+        return str(self.path / "cgroup.procs")
+
+    def pids(self) -> list[int]:
+        try:
+            text = (self.path / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(line) for line in text.split()]
+
+    def kill_all(self, deadline: float = 5.0) -> int:
+        """SIGKILL every process in the group until it is empty; returns how many were hit."""
+        killed = 0
+        end = time.monotonic() + deadline
+        if self.v2 and (self.path / "cgroup.kill").exists():
+            pids = self.pids()
+            if pids:
+                (self.path / "cgroup.kill").write_text("1")
+                killed = len(pids)
+        else:
+            self._set_frozen(True)
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            self._set_frozen(False)
+        while self.pids() and time.monotonic() < end:
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        return killed
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError as exc:
+            log.warning("could not remove job cgroup %s: %s", self.path, exc)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        state = self.path / "freezer.state"
+        if not state.exists():
+            return
+        state.write_text("FROZEN" if frozen else "THAWED")
+        if frozen:
+            end = time.monotonic() + 1.0
+            while state.read_text().strip() != "FROZEN" and time.monotonic() < end:
+                time.sleep(0.005)

@@ -1,0 +1,163 @@
+"""`orvanta`: the worker, one-shot runs, the queue, and host diagnostics.
+
+`orvanta run` is one job on a one-shot worker: same start-up checks, same
+selection from the environment as `orvanta worker`, not a side door.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from runtime.executor import JobResult, JobSpec
+from runtime.languages import LANGUAGES, UnknownLanguageError, guess_language
+from runtime.settings import Settings, SettingsError
+from runtime.startup import StartupError
+
+log = logging.getLogger("orvanta")
+
+EXIT_STARTUP = 2  # the worker refused to start (configuration or host cannot isolate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = Settings.from_env()
+        code: int = args.func(args, settings)
+        return code
+    except SettingsError as exc:
+        log.error("refusing to start: %s", exc)
+        return EXIT_STARTUP
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_STARTUP
+    except UnknownLanguageError as exc:
+        parser.error(str(exc))
+        return EXIT_STARTUP  # pragma: no cover - parser.error exits
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orvanta", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="run a long-lived worker pulling jobs from the queue")
+    worker.add_argument("--max-jobs", type=int, default=None, help="exit after this many jobs")
+    worker.add_argument("--name", default=None, help="worker name recorded on its jobs")
+    worker.set_defaults(func=cmd_worker)
+
+    for name, func, help_ in (
+        ("run", cmd_run, "run one script on a one-shot worker and print its output"),
+        ("submit", cmd_submit, "queue one script for the workers of ORVANTA_STATE_DIR"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("file", type=Path, help="the script (- for standard input)")
+        p.add_argument("--lang", choices=sorted(LANGUAGES), help="default: from the file suffix")
+        p.add_argument(
+            "--env",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a variable of the job's own (repeatable)",
+        )
+        p.add_argument("--timeout", type=float, default=None, help="seconds (default: worker's)")
+        p.add_argument("--json", action="store_true", help="print the result record as JSON")
+        if name == "submit":
+            p.add_argument("--wait", action="store_true", help="wait for the result")
+            p.add_argument("--wait-timeout", type=float, default=600.0)
+        p.set_defaults(func=func)
+
+    doctor = sub.add_parser("doctor", help="check this host for what isolation needs")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def _job(args: argparse.Namespace) -> tuple[str, str, dict[str, str]]:
+    if str(args.file) == "-":
+        script, lang = sys.stdin.read(), args.lang
+        if lang is None:
+            raise UnknownLanguageError("- (standard input): give --lang")
+    else:
+        try:
+            script = args.file.read_text()
+        except OSError as exc:
+            raise SystemExit(f"orvanta: cannot read script {args.file}: {exc.strerror}") from None
+        lang = args.lang or guess_language(args.file.name)
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"orvanta: --env {item!r} is not KEY=VALUE")
+        env[key] = value
+    return lang, script, env
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.queue import JobQueue
+    from runtime.worker import Worker, start
+
+    runner = start(settings)
+    worker = Worker(runner, JobQueue.in_state_dir(settings.state_dir), args.name)
+    worker.install_signal_handlers()
+    worker.serve(args.max_jobs)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.worker import start
+
+    lang, script, env = _job(args)
+    runner = start(settings)
+    result = runner.run(JobSpec(uuid.uuid4().hex[:16], lang, script, env, args.timeout))
+    return _report(result, args.json)
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.queue import JobQueue
+
+    lang, script, env = _job(args)
+    queue = JobQueue.in_state_dir(settings.state_dir)
+    job_id = queue.submit(lang, script, env, args.timeout)
+    if not args.wait:
+        print(job_id)
+        return 0
+    job = queue.wait(job_id, args.wait_timeout)
+    assert job.result is not None
+    return _report(job.result, args.json)
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.doctor import exit_code, render, run_checks
+
+    checks = run_checks(settings)
+    print(render(checks))
+    return exit_code(checks)
+
+
+def _report(result: JobResult, as_json: bool) -> int:
+    """Print the job's output (or its record) and exit with the job's exit code."""
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.log:
+            log.info("job %s: %s", result.job_id, line)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+    if result.exit_code is None:
+        return 1
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

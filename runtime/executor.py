@@ -1,0 +1,296 @@
+"""Runs one job under the selected backend, with what every backend must guarantee.
+
+Whatever the isolation (R-JOB-1..5): the job gets its own directory, an
+environment built from an allow-list, no worker fd beyond stdio, a deadline
+after which it is killed, capped output, and when it ends none of its
+processes survive and its directory is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from runtime import reaper
+from runtime.backends import PreparedJob, make_backend
+from runtime.cgroups import JobCgroup
+from runtime.languages import language, wants_sandbox
+from runtime.selection import IsolationUnavailableError, select_isolation
+from runtime.settings import Settings
+from runtime.startup import HostCapabilities
+
+log = logging.getLogger("orvanta.executor")
+
+JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
+JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
+EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    id: str
+    language: str
+    script: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    isolation: str
+    status: str  # success | failure | timeout | error
+    exit_code: int | None
+    duration: float
+    stdout: str
+    stderr: str
+    log: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Cancellation:
+    """Set from another thread to stop a running job; wakes the executor through a pipe."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        self.requested = False
+
+    def fileno(self) -> int:
+        return self._read
+
+    def set(self) -> None:
+        if not self.requested:
+            self.requested = True
+            os.write(self._write, b"x")
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+class JobRunner:
+    """Executes jobs on this worker; one instance per worker, reused for every job."""
+
+    def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
+        self.settings = settings
+        self.caps = caps
+        self.jobs_dir = settings.state_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(
+        self, spec: JobSpec, settings: Settings | None = None, cancel: Cancellation | None = None
+    ) -> JobResult:
+        """Run one job to its end. `settings` may carry a newer job_isolation (R-SEL-7)."""
+        settings = settings or self.settings
+        started = time.monotonic()
+        job_log: list[str] = []
+        lang = language(spec.language)
+        annotated = wants_sandbox(spec.script)
+        try:
+            decision = select_isolation(settings, self.caps, annotated)
+        except IsolationUnavailableError as exc:
+            job_log.append(f"error: {exc}")
+            log.error("job %s refused: %s", spec.id, exc)
+            return JobResult(spec.id, "nsjail", "error", None, 0.0, "", str(exc), job_log)
+        job_log.append(f"isolation: {decision.backend} ({decision.reason})")
+        if decision.backend == "nsjail" and annotated:
+            job_log.append("sandbox mode (nsjail)")
+        backend = make_backend(decision.backend, settings, self.caps)
+
+        timeout = spec.timeout or settings.job_timeout
+        root = self.jobs_dir / spec.id
+        job = PreparedJob(spec.id, lang, root / "job", root / "control", timeout)
+        job.job_dir.mkdir(parents=True)
+        job.control_dir.mkdir()
+        (job.job_dir / lang.filename).write_text(spec.script)
+        try:
+            env = _job_env(spec, backend.inner_dir(job))
+            outcome = self._execute(backend.argv(job), job, env, cancel)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        exit_code, stopped, stdout, stderr, notes = outcome
+        job_log.extend(notes)
+        if stopped:
+            status = "canceled" if cancel is not None and cancel.requested else "timeout"
+            why = "canceled" if status == "canceled" else f"timed out after {timeout:g}s"
+            job_log.append(f"{why}: every process of the job was killed")
+        else:
+            status = "success" if exit_code == 0 else "failure"
+        duration = time.monotonic() - started
+        return JobResult(
+            spec.id, decision.backend, status, exit_code, duration, stdout, stderr, job_log
+        )
+
+    def _execute(
+        self, argv: list[str], job: PreparedJob, env: dict[str, str], cancel: Cancellation | None
+    ) -> tuple[int, bool, str, str, list[str]]:
+        cgroup = JobCgroup.create(job.job_id)
+        procs_file = cgroup.procs_file if cgroup else None
+        if cgroup is None:
+            reaper.become_subreaper()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,  # R-JOB-2: nothing but stdio crosses into the job
+            env=env,
+            cwd=job.job_dir,
+            start_new_session=True,
+            preexec_fn=_enter_job(procs_file),
+        )
+        try:
+            out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
+        finally:
+            survivors = _kill_job(proc, cgroup)
+        notes = [n for n in (out.note("stdout"), err.note("stderr")) if n]
+        if survivors:
+            notes.append(f"killed {survivors} leftover process(es) of the job")
+        code = proc.returncode
+        exit_code = 128 - code if code < 0 else code
+        return exit_code, stopped, out.text(), err.text(), notes
+
+
+def _job_env(spec: JobSpec, home: str) -> dict[str, str]:
+    """Built from scratch: no worker variable (DATABASE_URL, tokens) reaches a job (R-JOB-1)."""
+    env = {"PATH": JOB_PATH, "HOME": home, "LANG": "C.UTF-8", "ORVANTA_JOB_ID": spec.id}
+    env.update(spec.env)
+    return env
+
+
+def _enter_job(procs_file: str | None) -> Any:
+    """Runs in the forked child before exec: join the job's cgroup, volunteer for the OOM killer."""
+
+    def enter() -> None:
+        if procs_file:
+            fd = os.open(procs_file, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        try:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            try:
+                os.write(fd, JOB_OOM_SCORE_ADJ)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    return enter
+
+
+class _Capped:
+    """Keeps the first `limit` bytes of a stream and counts the rest (R-JOB-4)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - self.kept
+        if room > 0:
+            self.chunks.append(data[:room])
+            self.kept += min(room, len(data))
+        self.dropped += max(0, len(data) - max(room, 0))
+
+    def text(self) -> str:
+        text = b"".join(self.chunks).decode("utf-8", "replace")
+        if self.dropped:
+            text += f"\n[output truncated: {self.dropped} more bytes dropped]\n"
+        return text
+
+    def note(self, name: str) -> str | None:
+        if not self.dropped:
+            return None
+        return f"{name} truncated at {self.limit} bytes ({self.dropped} bytes dropped)"
+
+
+def _collect(
+    proc: subprocess.Popen[bytes], timeout: float, limit: int, cancel: Cancellation | None
+) -> tuple[_Capped, _Capped, bool]:
+    """Read both pipes until the job's main process exits; True when stopped first
+    (deadline passed or canceled).
+
+    A pidfd tells us the moment the main process exits even while a leftover child
+    still holds the pipes open; what is already buffered is read for a short grace
+    period, then the leftovers are killed by the caller.
+    """
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = _Capped(limit), _Capped(limit)
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    deadline = time.monotonic() + timeout
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        with selectors.DefaultSelector() as sel:
+            for fd in (*streams, pidfd):
+                sel.register(fd, selectors.EVENT_READ)
+            if cancel is not None:
+                sel.register(cancel.fileno(), selectors.EVENT_READ)
+            waited_on = len(sel.get_map()) - len(streams)
+            exited_at: float | None = None
+            while exited_at is None or len(sel.get_map()) > waited_on:
+                now = time.monotonic()
+                if now >= deadline:
+                    return out, err, True
+                if exited_at is not None and now - exited_at > EXIT_GRACE:
+                    break
+                wait = deadline - now if exited_at is None else EXIT_GRACE
+                for key, _ in sel.select(wait):
+                    if cancel is not None and key.fd == cancel.fileno():
+                        return out, err, True
+                    if key.fd == pidfd:
+                        exited_at = time.monotonic()
+                        sel.unregister(pidfd)
+                        waited_on -= 1
+                        continue
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        streams[key.fd].add(data)
+                    else:
+                        sel.unregister(key.fd)
+    finally:
+        os.close(pidfd)
+    return out, err, False
+
+
+def _kill_job(proc: subprocess.Popen[bytes], cgroup: JobCgroup | None) -> int:
+    """No process of the job survives it (R-JOB-3); returns how many leftovers were killed."""
+    survivors = 0
+    if proc.poll() is None:
+        _killpg(proc.pid)
+    if cgroup is not None:
+        survivors = cgroup.kill_all()
+    else:
+        _killpg(proc.pid)
+    proc.wait()
+    if cgroup is None:
+        survivors += reaper.kill_orphans()
+    else:
+        cgroup.remove()
+    _drain(proc)
+    return survivors
+
+
+def _killpg(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()

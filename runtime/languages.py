@@ -1,0 +1,68 @@
+"""The languages a job may be written in, and how the script header is read (R-ANN-1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Language:
+    name: str
+    filename: str
+    comment: str  # the line-comment prefix that may carry annotations
+
+    def argv(self, script_path: str, python_path: str) -> list[str]:
+        """The command that runs the script, as seen from inside the job's view."""
+        if self.name == "python3":
+            return [python_path, "-u", script_path]
+        return ["/bin/bash", script_path]
+
+
+LANGUAGES = {
+    "python3": Language("python3", "main.py", "#"),
+    "bash": Language("bash", "main.sh", "#"),
+}
+
+
+class UnknownLanguageError(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown job language {name!r}; accepted: {', '.join(sorted(LANGUAGES))}")
+
+
+def language(name: str) -> Language:
+    try:
+        return LANGUAGES[name]
+    except KeyError:
+        raise UnknownLanguageError(name) from None
+
+
+def guess_language(filename: str) -> str:
+    """python3 for .py, bash for .sh/.bash; anything else must be named with --lang."""
+    if filename.endswith(".py"):
+        return "python3"
+    if filename.endswith((".sh", ".bash")):
+        return "bash"
+    raise UnknownLanguageError(filename.rsplit(".", 1)[-1] if "." in filename else filename)
+
+
+_SANDBOX = re.compile(r"^(#|//)\s?sandbox\s*$")
+
+
+def header_lines(script: str) -> list[str]:
+    """The leading comment block of a script (a shebang line counts as part of it)."""
+    lines = []
+    for line in script.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith(("#", "//")):
+            lines.append(stripped)
+            continue
+        break
+    return lines
+
+
+def wants_sandbox(script: str) -> bool:
+    """`#sandbox`, `# sandbox` (Python, Bash) or `// sandbox` (TS/JS) in the header."""
+    return any(_SANDBOX.match(line) for line in header_lines(script))

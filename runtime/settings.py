@@ -1,0 +1,149 @@
+"""Worker settings, read once from the environment and validated (R-CFG-1..7).
+
+A bad value stops the worker before it runs anything: the error names the
+variable, the value it got and the values it accepts, because a worker that
+silently falls back to "no isolation" is the failure this project exists to
+catch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_UNSHARE_FLAGS = ("--user", "--map-root-user", "--pid", "--fork", "--mount-proc")
+JOB_ISOLATION_VALUES = ("none", "nsjail_sandboxing")
+NSJAIL_NETWORK_VALUES = ("isolated", "shared")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+class SettingsError(ValueError):
+    """A worker variable holds a value the worker cannot run with."""
+
+    def __init__(self, variable: str, value: str, accepted: str, hint: str = "") -> None:
+        self.variable = variable
+        self.value = value
+        message = f"{variable}={value!r} is not valid; accepted values: {accepted}."
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Per-job resource limits that nsjail enforces (R-TBL-RES)."""
+
+    memory_mb: int = 512
+    pids: int = 128
+    cpu_seconds: int = 60
+    file_size_mb: int = 64
+    open_files: int = 256
+
+
+@dataclass(frozen=True)
+class Settings:
+    enable_unshare_pid: bool = False
+    unshare_flags: tuple[str, ...] = DEFAULT_UNSHARE_FLAGS
+    tini_path: str = "tini"
+    disable_nsjail: bool = True
+    disable_nuser: bool = False
+    nsjail_path: str | None = None
+    job_isolation: str | None = None
+    nsjail_network: str = "isolated"
+    python_path: str = "/usr/bin/python3"
+    state_dir: Path = Path("/var/lib/orvanta")
+    job_timeout: float = 300.0
+    output_limit: int = 1 << 20
+    limits: JobLimits = field(default_factory=JobLimits)
+
+    @property
+    def force_nsjail(self) -> bool:
+        """The instance setting job_isolation=nsjail_sandboxing (R-CFG-6)."""
+        return self.job_isolation == "nsjail_sandboxing"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        flags_raw = env.get("UNSHARE_ISOLATION_FLAGS")
+        flags = tuple(flags_raw.split()) if flags_raw is not None else DEFAULT_UNSHARE_FLAGS
+        enable_unshare = _bool(env, "ENABLE_UNSHARE_PID", False)
+        if enable_unshare:
+            validate_unshare_flags(flags, flags_raw or "")
+        job_isolation = env.get("JOB_ISOLATION") or None
+        if job_isolation is not None and job_isolation not in JOB_ISOLATION_VALUES:
+            raise SettingsError(
+                "JOB_ISOLATION",
+                job_isolation,
+                ", ".join(JOB_ISOLATION_VALUES),
+                "It is the job_isolation instance setting; leave it unset for the default.",
+            )
+        network = env.get("ORVANTA_NSJAIL_NETWORK", "isolated")
+        if network not in NSJAIL_NETWORK_VALUES:
+            raise SettingsError("ORVANTA_NSJAIL_NETWORK", network, ", ".join(NSJAIL_NETWORK_VALUES))
+        limits = JobLimits(
+            memory_mb=_int(env, "ORVANTA_JOB_MEMORY_MB", JobLimits.memory_mb),
+            pids=_int(env, "ORVANTA_JOB_PIDS", JobLimits.pids),
+            cpu_seconds=_int(env, "ORVANTA_JOB_CPU_SECONDS", JobLimits.cpu_seconds),
+            file_size_mb=_int(env, "ORVANTA_JOB_FILE_SIZE_MB", JobLimits.file_size_mb),
+        )
+        return cls(
+            enable_unshare_pid=enable_unshare,
+            unshare_flags=flags,
+            tini_path=env.get("UNSHARE_TINI_PATH") or "tini",
+            disable_nsjail=_bool(env, "DISABLE_NSJAIL", True),
+            disable_nuser=_bool(env, "DISABLE_NUSER", False),
+            nsjail_path=env.get("NSJAIL_PATH") or None,
+            job_isolation=job_isolation,
+            nsjail_network=network,
+            python_path=env.get("ORVANTA_PYTHON") or "/usr/bin/python3",
+            state_dir=Path(env.get("ORVANTA_STATE_DIR") or "/var/lib/orvanta"),
+            job_timeout=float(_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
+            output_limit=_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
+            limits=limits,
+        )
+
+
+def validate_unshare_flags(flags: tuple[str, ...], raw: str) -> None:
+    """Refuse flag sets the page calls broken before unshare is ever run (R-PID-1)."""
+    if not flags:
+        raise SettingsError(
+            "UNSHARE_ISOLATION_FLAGS",
+            raw,
+            "a whitespace-separated list of unshare flags",
+            f"Default: {' '.join(DEFAULT_UNSHARE_FLAGS)}",
+        )
+    if "--pid" in flags and "--fork" not in flags:
+        raise SettingsError(
+            "UNSHARE_ISOLATION_FLAGS",
+            raw,
+            "flags that include --fork whenever --pid is given",
+            "Add --fork: without it the job is not PID 1 of the new namespace.",
+        )
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(name, raw, "true or false (also 1/0, yes/no)")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise SettingsError(name, raw, "a positive integer")
+    return value

