@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.canaries import Canaries
-from conformance.matrix import Cell, Matrix, Probe
+from conformance.matrix import ISOLATION_VARS, Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
 from runtime.executor import JobResult
 from runtime.queue import JobQueue
@@ -24,17 +24,6 @@ from runtime.queue import JobQueue
 READY_LINE = "pulling jobs from"
 START_TIMEOUT = 60.0
 PROBE_TIMEOUT = 60.0
-ISOLATION_VARS = (
-    "ENABLE_UNSHARE_PID",
-    "UNSHARE_ISOLATION_FLAGS",
-    "UNSHARE_TINI_PATH",
-    "DISABLE_NSJAIL",
-    "DISABLE_NUSER",
-    "NSJAIL_PATH",
-    "JOB_ISOLATION",
-    "ORVANTA_NSJAIL_NETWORK",
-    "DATABASE_URL",
-)
 LIMIT_VARS = {
     "memory_mb": "ORVANTA_JOB_MEMORY_MB",
     "pids": "ORVANTA_JOB_PIDS",
@@ -166,7 +155,7 @@ class CellSession:
         return f"# sandbox\n{text}" if self.cell.annotate else text
 
     def _worker_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ISOLATION_VARS}
+        env = {k: v for k, v in os.environ.items() if k not in (*ISOLATION_VARS, "DATABASE_URL")}
         env.update(self.cell.env)
         env.update(
             {

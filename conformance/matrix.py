@@ -6,6 +6,7 @@ because the matrix is what a platform team edits to describe their own worker.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,4 +212,44 @@ def _cell(
         annotate=bool(spec.get("annotate", False)),
         overrides=overrides,
         startup_log=tuple(spec.get("startup_log", ())),
+    )
+
+
+ISOLATION_VARS = (
+    "ENABLE_UNSHARE_PID",
+    "UNSHARE_ISOLATION_FLAGS",
+    "UNSHARE_TINI_PATH",
+    "DISABLE_NSJAIL",
+    "DISABLE_NUSER",
+    "NSJAIL_PATH",
+    "JOB_ISOLATION",
+    "ORVANTA_NSJAIL_NETWORK",
+)
+
+
+def current_env_cell(environ: Mapping[str, str], platform: str) -> Cell:
+    """The worker as this environment configures it, held to the table of what it asks for.
+
+    Asked-for, not what the host grants: if DISABLE_NSJAIL=false falls back because nsjail
+    is missing, the cell fails, because isolation is weaker than configured.
+    """
+    env = {k: environ[k] for k in ISOLATION_VARS if k in environ}
+    wants_nsjail = (
+        env.get("DISABLE_NSJAIL", "").lower() in ("false", "0", "no")
+        or env.get("JOB_ISOLATION") == "nsjail_sandboxing"
+    )
+    if wants_nsjail:
+        backend = "nsjail"
+    elif env.get("ENABLE_UNSHARE_PID", "").lower() in ("true", "1", "yes"):
+        backend = "unshare"
+    else:
+        backend = "none"
+    return Cell(
+        id=f"{'host' if platform == 'all' else platform}/current-env/{backend}",
+        platform="host" if platform == "all" else platform,
+        backend=backend,
+        env=env,
+        kind="table",
+        message="",
+        req=("R-SEL-1", "R-SEL-2", "R-SEL-3"),
     )

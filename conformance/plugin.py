@@ -7,17 +7,19 @@ arguments it needs (`cell`, `probe`) and which kind of cell it checks;
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conformance.harness import CellSession, ProbeRun
-from conformance.matrix import BACKENDS, Cell, Matrix, load
+from conformance.audit import AuditCollector
+from conformance.harness import CellSession
+from conformance.matrix import BACKENDS, Cell, Matrix, current_env_cell, load
 from conformance.platforms import open_platform
 
 MATRIX_KEY = pytest.StashKey[Matrix]()
-RUNS_KEY = pytest.StashKey[list[ProbeRun]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,12 +41,40 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=Path,
         help="the conformance matrix (default: matrix.yaml)",
     )
+    group.addoption(
+        "--audit-report",
+        default=None,
+        type=Path,
+        metavar="DIR",
+        help="write audit.json, audit.html, audit.md and junit.xml to DIR",
+    )
+    group.addoption(
+        "--audit-progress",
+        action="store_true",
+        help="print one line per test: elapsed, outcome, cell, probe, measured vs expected",
+    )
+    group.addoption(
+        "--current-env",
+        action="store_true",
+        help="add a cell for the isolation configured in this environment",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "req(*ids): SPEC.md requirement IDs this test covers")
     config.addinivalue_line("markers", "cell_kind(kind): the kind of matrix cell a test checks")
-    config.stash[RUNS_KEY] = []
+    out = config.getoption("audit_report", None)
+    if out is not None and not hasattr(config, "workerinput"):  # the xdist controller writes
+        if not config.option.xmlpath:
+            config.option.xmlpath = str(out / "junit.xml")
+        collector = AuditCollector(out, matrix_of(config), config.getoption("audit_progress"))
+        config.pluginmanager.register(collector, "orvanta-audit")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Carry the cited requirement IDs in the report, for coverage under xdist too."""
+    ids = [i for m in item.iter_markers("req") for i in m.args]
+    item.user_properties.append(("req", sorted(set(ids))))
 
 
 def matrix_of(config: pytest.Config) -> Matrix:
@@ -52,7 +82,10 @@ def matrix_of(config: pytest.Config) -> Matrix:
         path = Path(config.getoption("matrix"))
         if not path.is_absolute():
             path = Path(config.rootpath) / path
-        config.stash[MATRIX_KEY] = load(path)
+        matrix = load(path)
+        if config.getoption("current_env"):
+            matrix.cells.append(current_env_cell(os.environ, config.getoption("platform")))
+        config.stash[MATRIX_KEY] = matrix
     return config.stash[MATRIX_KEY]
 
 
@@ -114,8 +147,15 @@ def cell(
 
 
 @pytest.fixture
-def record(request: pytest.FixtureRequest) -> Iterator[list[ProbeRun]]:
-    """Probe runs recorded here are kept for the session's report."""
-    runs: list[ProbeRun] = []
+def record(request: pytest.FixtureRequest, cell: CellSession) -> Iterator[list[dict[str, Any]]]:
+    """Evidence for the audit report: the cell's start-up, and the probe runs appended here."""
+    runs: list[dict[str, Any]] = []
     yield runs
-    request.config.stash[RUNS_KEY].extend(runs)
+    info = {
+        "id": cell.cell.id,
+        "startup_log": cell.startup_log().splitlines(),
+        "facts": cell.platform.facts(),
+    }
+    request.node.user_properties.append(("orvanta_cell", info))
+    for run in runs:
+        request.node.user_properties.append(("orvanta_run", run))

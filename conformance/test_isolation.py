@@ -6,29 +6,41 @@ Four functions cover every cell kind; cells and probes are data.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
-from conformance.harness import CellSession, ProbeRun
+from conformance.harness import CellSession
 from conformance.matrix import Matrix, Probe
 
 
 @pytest.mark.cell_kind("table")
 @pytest.mark.req("R-JOB-3", "R-SEL-6")
-def test_probe(cell: CellSession, probe: Probe, matrix: Matrix, record: list[ProbeRun]) -> None:
+def test_probe(
+    cell: CellSession, probe: Probe, matrix: Matrix, record: list[dict[str, Any]]
+) -> None:
     """The probe's outcome is what the table (or a reasoned override) says for this cell."""
     run = cell.run_probe(probe)
-    record.append(run)
     expected, override = matrix.expected(cell.cell, probe)
-    evidence = cell.canaries.mask(
-        json.dumps(
-            run.verdict
-            or {
-                "stdout": run.result.stdout[-800:],
-                "stderr": run.result.stderr[-800:],
-                "log": run.result.log,
-            }
-        )
+    raw = run.verdict or {
+        "stdout": run.result.stdout[-800:],
+        "stderr": run.result.stderr[-800:],
+        "log": run.result.log,
+    }
+    evidence = cell.canaries.mask(json.dumps(raw))
+    record.append(
+        {
+            "probe": probe.name,
+            "property": probe.row,
+            "req": list(probe.req),
+            "expected": expected,
+            "measured": run.outcome,
+            "override": {"kind": override.kind, "reason": override.reason} if override else None,
+            "evidence": evidence,
+            "isolation": run.result.isolation,
+            "exit_code": run.result.exit_code,
+            "duration": round(run.result.duration, 4),
+        }
     )
     assert run.result.isolation == cell.cell.backend, (
         f"job ran under {run.result.isolation!r}, cell expects {cell.cell.backend!r}: "
@@ -43,7 +55,7 @@ def test_probe(cell: CellSession, probe: Probe, matrix: Matrix, record: list[Pro
 
 
 @pytest.mark.cell_kind("refuses_start")
-def test_refuses_start(cell: CellSession) -> None:
+def test_refuses_start(cell: CellSession, record: list[dict[str, Any]]) -> None:
     """The worker exits at start with the documented message (R-PID-3, R-CFG-7)."""
     log = cell.startup_log()
     assert cell.exit_code not in (None, 0), f"worker started; expected a refusal:\n{log}"
@@ -51,7 +63,7 @@ def test_refuses_start(cell: CellSession) -> None:
 
 
 @pytest.mark.cell_kind("job_error")
-def test_jobs_fail_clearly(cell: CellSession) -> None:
+def test_jobs_fail_clearly(cell: CellSession, record: list[dict[str, Any]]) -> None:
     """Every job fails with a clear error and the worker keeps running (R-SEL-5, R-ANN-2)."""
     result = cell.run_script("bash", "echo ran-unsandboxed\n")
     assert result.status == "error", f"job was not refused: {result}"
@@ -62,7 +74,7 @@ def test_jobs_fail_clearly(cell: CellSession) -> None:
 
 @pytest.mark.cell_kind("startup_log")
 @pytest.mark.req("R-OPS-1")
-def test_startup_log(cell: CellSession) -> None:
+def test_startup_log(cell: CellSession, record: list[dict[str, Any]]) -> None:
     """The worker says at start which isolation is active, and what it found (R-OPS-1)."""
     log = cell.startup_log()
     missing = [line for line in cell.cell.startup_log if line not in log]

@@ -41,16 +41,28 @@ def ensure_nsjail_parents() -> None:
                 log.debug("cannot create %s/%s: %s", base, PARENT, exc)
 
 
-class JobCgroup:
-    """A cgroup holding every process of one job, so that all of them can be killed."""
+def job_group(job_id: str) -> str:
+    """The job's group name under each hierarchy; nsjail nests its own groups below it."""
+    return f"{PARENT}/job-{job_id}"
 
-    def __init__(self, path: Path, v2: bool) -> None:
+
+class JobCgroup:
+    """A cgroup holding every process of one job, so that all of them can be killed.
+
+    On v1 the job also gets a group in each controller nsjail uses, as the parent of
+    the groups nsjail makes: they are removed with the job even when nsjail itself
+    was killed and could not clean up.
+    """
+
+    def __init__(self, path: Path, v2: bool, nsjail_parents: list[Path]) -> None:
         self.path = path
         self.v2 = v2
+        self.nsjail_parents = nsjail_parents
 
     @classmethod
     def create(cls, job_id: str) -> JobCgroup | None:
-        """A fresh group for the job, or None where this process may not make one."""
+        """The job's group (an existing one, left by a killed worker, is reused and emptied
+        by the caller), or None where this process may not make one."""
         v2 = is_v2()
         base = ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
         try:
@@ -60,7 +72,16 @@ class JobCgroup:
         except OSError as exc:
             log.debug("no tracking cgroup for job %s: %s", job_id, exc)
             return None
-        return cls(path, v2)
+        parents = []
+        if not v2:
+            for controller in NSJAIL_CONTROLLERS:
+                parent = ROOT / controller / job_group(job_id)
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    parents.append(parent)
+                except OSError as exc:
+                    log.debug("no %s group for job %s: %s", controller, job_id, exc)
+        return cls(path, v2, parents)
 
     @property
     def procs_file(self) -> str:
@@ -99,10 +120,11 @@ class JobCgroup:
         return killed
 
     def remove(self) -> None:
-        try:
-            self.path.rmdir()
-        except OSError as exc:
-            log.warning("could not remove job cgroup %s: %s", self.path, exc)
+        for parent in self.nsjail_parents:
+            for child in parent.glob("NSJAIL.*"):
+                _rmdir(child)
+            _rmdir(parent)
+        _rmdir(self.path)
 
     def _set_frozen(self, frozen: bool) -> None:
         state = self.path / "freezer.state"
@@ -113,3 +135,12 @@ class JobCgroup:
             end = time.monotonic() + 1.0
             while state.read_text().strip() != "FROZEN" and time.monotonic() < end:
                 time.sleep(0.005)
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove cgroup %s: %s", path, exc)

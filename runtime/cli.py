@@ -12,6 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from runtime.executor import JobResult, JobSpec
@@ -78,8 +79,16 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--wait-timeout", type=float, default=600.0)
         p.set_defaults(func=func)
 
+    cancel = sub.add_parser("cancel", help="stop a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(func=cmd_cancel)
+
     doctor = sub.add_parser("doctor", help="check this host for what isolation needs")
     doctor.set_defaults(func=cmd_doctor)
+
+    # Commands of other packages (the conformance suite's `audit`), without importing them here.
+    for entry in entry_points(group="orvanta.commands"):
+        entry.load()(sub)
     return parser
 
 
@@ -135,6 +144,17 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     job = queue.wait(job_id, args.wait_timeout)
     assert job.result is not None
     return _report(job.result, args.json)
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.queue import JobQueue
+
+    try:
+        outcome = JobQueue.in_state_dir(settings.state_dir).cancel(args.job_id)
+    except KeyError as exc:
+        raise SystemExit(f"orvanta: {exc.args[0]}") from None
+    print(f"{args.job_id}: {outcome}")
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:

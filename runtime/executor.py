@@ -9,6 +9,7 @@ processes survive and its directory is removed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import selectors
@@ -22,7 +23,7 @@ from typing import Any
 
 from runtime import reaper
 from runtime.backends import PreparedJob, make_backend
-from runtime.cgroups import JobCgroup
+from runtime.cgroups import PARENT, JobCgroup, job_group
 from runtime.languages import language, wants_sandbox
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
@@ -32,6 +33,8 @@ log = logging.getLogger("orvanta.executor")
 
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
 
 
@@ -102,7 +105,7 @@ class JobRunner:
         except IsolationUnavailableError as exc:
             job_log.append(f"error: {exc}")
             log.error("job %s refused: %s", spec.id, exc)
-            return JobResult(spec.id, "nsjail", "error", None, 0.0, "", str(exc), job_log)
+            return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
         job_log.append(f"isolation: {decision.backend} ({decision.reason})")
         if decision.backend == "nsjail" and annotated:
             job_log.append("sandbox mode (nsjail)")
@@ -110,15 +113,24 @@ class JobRunner:
 
         timeout = spec.timeout or settings.job_timeout
         root = self.jobs_dir / spec.id
-        job = PreparedJob(spec.id, lang, root / "job", root / "control", timeout)
+        cgroup = JobCgroup.create(spec.id)
+        if root.exists() or (cgroup is not None and cgroup.pids()):
+            # A retry after a worker died mid-job: nothing of that attempt may linger.
+            stale = cgroup.kill_all() if cgroup is not None else 0
+            shutil.rmtree(root, ignore_errors=True)
+            job_log.append(f"retry: removed the previous attempt's files and {stale} process(es)")
+        nsjail_parent = job_group(spec.id) if cgroup and cgroup.nsjail_parents else PARENT
+        job = PreparedJob(spec.id, lang, root / "job", root / "control", timeout, nsjail_parent)
         job.job_dir.mkdir(parents=True)
         job.control_dir.mkdir()
         (job.job_dir / lang.filename).write_text(spec.script)
         try:
             env = _job_env(spec, backend.inner_dir(job))
-            outcome = self._execute(backend.argv(job), job, env, cancel)
+            outcome = self._execute(backend.argv(job), job, env, cgroup, cancel)
         finally:
             shutil.rmtree(root, ignore_errors=True)
+            if cgroup is not None:
+                cgroup.remove()
         exit_code, stopped, stdout, stderr, notes = outcome
         job_log.extend(notes)
         if stopped:
@@ -133,9 +145,13 @@ class JobRunner:
         )
 
     def _execute(
-        self, argv: list[str], job: PreparedJob, env: dict[str, str], cancel: Cancellation | None
+        self,
+        argv: list[str],
+        job: PreparedJob,
+        env: dict[str, str],
+        cgroup: JobCgroup | None,
+        cancel: Cancellation | None,
     ) -> tuple[int, bool, str, str, list[str]]:
-        cgroup = JobCgroup.create(job.job_id)
         procs_file = cgroup.procs_file if cgroup else None
         if cgroup is None:
             reaper.become_subreaper()
@@ -173,6 +189,8 @@ def _enter_job(procs_file: str | None) -> Any:
     """Runs in the forked child before exec: join the job's cgroup, volunteer for the OOM killer."""
 
     def enter() -> None:
+        # the job's main process dies with the worker, even on kill -9 of the worker
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if procs_file:
             fd = os.open(procs_file, os.O_WRONLY)
             try:
@@ -279,8 +297,6 @@ def _kill_job(proc: subprocess.Popen[bytes], cgroup: JobCgroup | None) -> int:
     proc.wait()
     if cgroup is None:
         survivors += reaper.kill_orphans()
-    else:
-        cgroup.remove()
     _drain(proc)
     return survivors
 

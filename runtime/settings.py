@@ -57,6 +57,7 @@ class Settings:
     state_dir: Path = Path("/var/lib/orvanta")
     job_timeout: float = 300.0
     output_limit: int = 1 << 20
+    lease_seconds: float = 30.0
     limits: JobLimits = field(default_factory=JobLimits)
 
     @property
@@ -80,6 +81,14 @@ class Settings:
                 ", ".join(JOB_ISOLATION_VALUES),
                 "It is the job_isolation instance setting; leave it unset for the default.",
             )
+        python = env.get("ORVANTA_PYTHON") or "/usr/bin/python3"
+        if not python.startswith("/"):
+            raise SettingsError(
+                "ORVANTA_PYTHON",
+                python,
+                "an absolute path to a python3 interpreter",
+                "Jobs run with it inside their own root: a relative name means nothing there.",
+            )
         network = env.get("ORVANTA_NSJAIL_NETWORK", "isolated")
         if network not in NSJAIL_NETWORK_VALUES:
             raise SettingsError("ORVANTA_NSJAIL_NETWORK", network, ", ".join(NSJAIL_NETWORK_VALUES))
@@ -98,10 +107,11 @@ class Settings:
             nsjail_path=env.get("NSJAIL_PATH") or None,
             job_isolation=job_isolation,
             nsjail_network=network,
-            python_path=env.get("ORVANTA_PYTHON") or "/usr/bin/python3",
+            python_path=python,
             state_dir=Path(env.get("ORVANTA_STATE_DIR") or "/var/lib/orvanta"),
             job_timeout=float(_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
             output_limit=_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
+            lease_seconds=float(_int(env, "ORVANTA_LEASE_SECONDS", 30)),
             limits=limits,
         )
 

@@ -95,7 +95,7 @@ def probe_nsjail(settings: Settings) -> Probe:
         job_dir = Path(tmp) / "job"
         job_dir.mkdir()
         config.write_text(render_config("bash", settings, job_dir, timeout=PROBE_TIMEOUT))
-        ok, output = _run([path, "--quiet", "--config", str(config), "--", "/bin/true"])
+        ok, output = _run([path, "--config", str(config), "--", "/bin/true"])
     if not ok:
         return Probe(None, f"{path} cannot start a jail here: {output}")
     return Probe(path, f"{path} (nsjail {_nsjail_version(path)}): live probe ok")

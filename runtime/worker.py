@@ -24,7 +24,6 @@ from runtime.startup import HostCapabilities, probe_host
 log = logging.getLogger("orvanta.worker")
 
 WORKER_OOM_SCORE_ADJ = -900
-LEASE_SECONDS = 30.0
 IDLE_POLL_SECONDS = 0.02
 CANCEL_POLL_SECONDS = 0.25
 
@@ -101,6 +100,7 @@ class Worker:
         self.queue = queue
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
+        self.lease = runner.settings.lease_seconds
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -119,7 +119,7 @@ class Worker:
         done = 0
         log.info("worker %s: pulling jobs from %s", self.name, self.queue.path)
         while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
-            spec = self.queue.claim(self.name, LEASE_SECONDS)
+            spec = self.queue.claim(self.name, self.lease)
             if spec is None:
                 self.stopping.wait(IDLE_POLL_SECONDS)
                 continue
@@ -150,8 +150,8 @@ class Worker:
             while not finished.wait(CANCEL_POLL_SECONDS):
                 if self.queue.cancel_requested(spec.id):
                     cancel.set()
-                if time.monotonic() - renewed > LEASE_SECONDS / 3:
-                    self.queue.renew(spec.id, self.name, LEASE_SECONDS)
+                if time.monotonic() - renewed > self.lease / 3:
+                    self.queue.renew(spec.id, self.name, self.lease)
                     renewed = time.monotonic()
 
         keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)

@@ -26,7 +26,13 @@ def config_template(language: str) -> Template:
     return Template(text)
 
 
-def render_config(language: str, settings: Settings, job_dir: Path, timeout: float) -> str:
+def render_config(
+    language: str,
+    settings: Settings,
+    job_dir: Path,
+    timeout: float,
+    cgroup_parent: str = cgroups.PARENT,
+) -> str:
     """The nsjail config for one job; every placeholder must be filled (KeyError otherwise)."""
     limits = settings.limits
     userns = not settings.disable_nuser
@@ -46,12 +52,12 @@ def render_config(language: str, settings: Settings, job_dir: Path, timeout: flo
         file_size_mb=limits.file_size_mb,
         open_files=limits.open_files,
         tmpfs_mb=limits.file_size_mb,
-        cgroup_limits=_cgroup_limits(settings),
+        cgroup_limits=_cgroup_limits(settings, cgroup_parent),
         interpreter_mounts=_interpreter_mounts(settings.python_path),
     )
 
 
-def _cgroup_limits(settings: Settings) -> str:
+def _cgroup_limits(settings: Settings, parent: str) -> str:
     limits = settings.limits
     lines = [
         f"cgroup_mem_max: {limits.memory_mb * 1024 * 1024}",
@@ -61,17 +67,27 @@ def _cgroup_limits(settings: Settings) -> str:
         lines.append("use_cgroupv2: true")
     else:
         lines += [
-            f'cgroup_mem_parent: "{cgroups.PARENT}"',
-            f'cgroup_pids_parent: "{cgroups.PARENT}"',
+            f'cgroup_mem_parent: "{parent}"',
+            f'cgroup_pids_parent: "{parent}"',
         ]
     return "\n".join(lines)
 
 
 def _interpreter_mounts(python_path: str) -> str:
-    """A Python outside /usr (pyenv, a venv) is mounted read-only at the same place."""
+    """A Python outside /usr (pyenv, a venv) is mounted read-only at the same place.
+
+    Only a prefix of its own (two levels deep at least, like /opt/python3.11) is
+    mounted: anything shallower would expose the host's filesystem to the job.
+    """
     prefix = Path(python_path).resolve().parent.parent
     if prefix == Path("/usr") or Path("/usr") in prefix.parents:
         return ""
+    if len(prefix.parts) < 3:
+        raise ValueError(
+            f"ORVANTA_PYTHON={python_path} has the prefix {prefix}, which nsjail would have to "
+            "mount whole; install the job interpreter under a prefix of its own "
+            "(e.g. /opt/python3.11/bin/python3) or use the system /usr/bin/python3"
+        )
     return f'mount {{ src: "{prefix}" dst: "{prefix}" is_bind: true }}'
 
 
@@ -95,7 +111,11 @@ class Nsjail:
 
     def argv(self, job: PreparedJob) -> list[str]:
         config = job.control_dir / "nsjail.cfg"
-        config.write_text(render_config(job.language.name, self.settings, job.job_dir, job.timeout))
+        config.write_text(
+            render_config(
+                job.language.name, self.settings, job.job_dir, job.timeout, job.cgroup_parent
+            )
+        )
         script = f"{INNER_DIR}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
         return [self.nsjail, "--config", str(config), "--", *command]

@@ -1,0 +1,171 @@
+"""The audit report model: one dict, built once from a conformance run, rendered four ways.
+
+Inputs are what the pytest plugin gathered from every test report (so it works
+the same under pytest-xdist): per test its outcome, the requirement IDs it
+cites, and the user properties the suite attached (probe runs, cell records).
+The JSON form of this dict is the documented schema `audit.schema.json`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from conformance.matrix import Matrix
+
+SCHEMA_ID = "orvanta-audit/1"
+WORDS = {"blocked": "protected", "exposed": "not protected"}
+_SECRET = re.compile(r"ORVANTA_CANARY_[0-9a-f]{8,}")
+
+
+@dataclass
+class TestRecord:
+    nodeid: str
+    outcome: str  # passed | failed | skipped | error
+    req: list[str]
+    message: str = ""
+    props: dict[str, Any] = field(default_factory=dict)
+
+
+def mask(text: str) -> str:
+    """No secret is ever written in clear: every canary value is replaced by its marker."""
+    return _SECRET.sub("ORVANTA_CANARY_***", text)
+
+
+def requirements() -> dict[str, str]:
+    text = resources.files("conformance").joinpath("requirements.yaml").read_text()
+    reqs: dict[str, str] = yaml.safe_load(text)["requirements"]
+    return reqs
+
+
+def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dict[str, Any]:
+    cells = _cells(matrix, tests)
+    deviations = [
+        {"cell": c["id"], **p}
+        for c in cells
+        for p in c["probes"]
+        if p["override"] is not None or p["status"] == "fail"
+    ]
+    failed = [t for t in tests if t.outcome in ("failed", "error")]
+    return {
+        "schema": SCHEMA_ID,
+        "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": {"hostname": platform.node(), **facts},
+        "summary": {
+            "verdict": "fail" if failed else "pass",
+            "tests": len(tests),
+            "failed": len(failed),
+            "skipped": sum(t.outcome == "skipped" for t in tests),
+            "cells": len(cells),
+            "probe_runs": sum(len(c["probes"]) for c in cells),
+            "deviations": len(deviations),
+        },
+        "table": _table(matrix, cells),
+        "cells": cells,
+        "deviations": deviations,
+        "failures": [{"test": t.nodeid, "message": mask(t.message)[:2000]} for t in failed],
+        "coverage": _coverage(tests),
+    }
+
+
+def _cells(matrix: Matrix, tests: list[TestRecord]) -> list[dict[str, Any]]:
+    by_id: dict[str, dict[str, Any]] = {}
+    for spec in matrix.cells:
+        by_id[spec.id] = {
+            "id": spec.id,
+            "platform": spec.platform,
+            "backend": spec.backend,
+            "env": spec.env,
+            "kind": spec.kind,
+            "expectation": spec.message or "table",
+            "status": "not run",
+            "startup_log": [],
+            "probes": [],
+        }
+    for test in tests:
+        cell_info = test.props.get("orvanta_cell")
+        if not cell_info or cell_info["id"] not in by_id:
+            continue
+        cell = by_id[cell_info["id"]]
+        cell["startup_log"] = [mask(line) for line in cell_info["startup_log"]]
+        cell["platform_facts"] = cell_info.get("facts", {})
+        failed = test.outcome in ("failed", "error")
+        if cell["status"] != "fail":
+            cell["status"] = (
+                "fail" if failed else ("pass" if test.outcome == "passed" else cell["status"])
+            )
+        run = test.props.get("orvanta_run")
+        if run:
+            run = {**run, "status": "fail" if failed else "pass", "test": test.nodeid}
+            run["evidence"] = mask(str(run["evidence"]))[:1500]
+            cell["probes"].append(run)
+    return [c for c in by_id.values() if c["status"] != "not run"]
+
+
+def _table(matrix: Matrix, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The page's table: per backend, the reference cell (first table cell, no overrides)."""
+    reference: dict[str, dict[str, Any]] = {}
+    overridden = {c.id for c in matrix.cells if c.overrides or c.annotate}
+    for cell in cells:
+        if cell["kind"] == "table" and cell["probes"] and cell["id"] not in overridden:
+            reference.setdefault(cell["backend"], cell)
+    rows = []
+    for name, row in matrix.table.items():
+        entry: dict[str, Any] = {"property": name, "req": row.req, "backends": {}}
+        for backend, documented in row.values.items():
+            ref = reference.get(backend)
+            runs = [p for p in ref["probes"] if p["property"] == name] if ref else []
+            if not runs:
+                measured, status = "not measured", "not measured"
+            else:
+                exposed = [p for p in runs if p["measured"] == "exposed"]
+                measured = "not protected" if exposed else "protected"
+                expected = (
+                    "not protected"
+                    if any(p["expected"] == "exposed" for p in runs)
+                    else "protected"
+                )
+                status = (
+                    "match"
+                    if measured == expected
+                    else ("weaker" if measured == "not protected" else "stronger")
+                )
+            entry["backends"][backend] = {
+                "documented": documented,
+                "measured": measured,
+                "status": status,
+                "cell": ref["id"] if ref else None,
+                "probes": {p["probe"]: p["measured"] for p in runs},
+            }
+        rows.append(entry)
+    return rows
+
+
+def _coverage(tests: list[TestRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for req, text in requirements().items():
+        citing = [t for t in tests if req in t.req]
+        if not citing:
+            status = "uncovered"
+        elif any(t.outcome in ("failed", "error") for t in citing):
+            status = "fail"
+        elif all(t.outcome == "skipped" for t in citing):
+            status = "skipped"
+        else:
+            status = "pass"
+        rows.append(
+            {
+                "req": req,
+                "text": text,
+                "status": status,
+                "tests": len(citing),
+                "failed": [t.nodeid for t in citing if t.outcome in ("failed", "error")][:10],
+            }
+        )
+    return rows

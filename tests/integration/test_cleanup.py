@@ -1,0 +1,160 @@
+"""Nothing of a job outlives it: processes, directory, deadline, output (R-JOB-3..5)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli_helpers import (
+    CGROUP_ROOT,
+    DAEMON,
+    FREEZER_JOBS,
+    PRINT_NSJAIL_CGROUPS,
+    CliRun,
+    nsjail_cgroup_dirs,
+    processes_with,
+    tidy_cgroups,
+)
+
+pytestmark = pytest.mark.integration
+
+SLEEPER = (
+    PRINT_NSJAIL_CGROUPS
+    + """
+import subprocess, time
+subprocess.Popen(["sh", "-c", "sleep 300; : {marker}"])
+print("started", flush=True)
+time.sleep(30)
+print("not reached")
+"""
+)
+
+
+def jobs_left(state_dir: Path) -> list[str]:
+    jobs = state_dir / "jobs"
+    assert jobs.is_dir(), f"{jobs} was never created"
+    return sorted(p.name for p in jobs.iterdir())
+
+
+@pytest.mark.req("R-JOB-3", "R-JOB-5")
+def test_daemon_started_by_a_job_does_not_survive_it(
+    run_job: Callable[..., CliRun],
+    backend: str,
+    backend_env: dict[str, str],
+    marker: str,
+    state_dir: Path,
+) -> None:
+    rc, result, stderr = run_job(DAEMON.format(marker=marker), env=backend_env, suffix=".sh")
+    assert result is not None, stderr
+    assert result["isolation"] == backend
+    assert result["stdout"] == "DAEMON-UP\n", result  # it really ran
+    assert result["status"] == "success" and rc == 0
+    assert processes_with(marker) == []
+    assert not (FREEZER_JOBS / f"job-{result['job_id']}").exists()
+    assert jobs_left(state_dir) == []
+    if backend == "none":
+        # nothing else stopped the daemon: the worker found and killed it
+        assert any(re.search(r"killed \d+ leftover process", line) for line in result["log"])
+
+
+@pytest.mark.req("R-JOB-4", "R-JOB-3", "R-JOB-5")
+def test_timeout_kills_the_whole_job(
+    run_job: Callable[..., CliRun],
+    backend: str,
+    backend_env: dict[str, str],
+    marker: str,
+    state_dir: Path,
+) -> None:
+    started = time.monotonic()
+    rc, result, stderr = run_job(
+        SLEEPER.format(marker=marker), env=backend_env, args=["--timeout", "1"], timeout=20
+    )
+    elapsed = time.monotonic() - started
+    assert result is not None, stderr
+    tidy_cgroups(nsjail_cgroup_dirs(result["stderr"]))  # see test_nsjail_cgroups_are_removed
+    assert result["isolation"] == backend
+    assert result["status"] == "timeout", result
+    assert result["stdout"] == "started\n"
+    assert elapsed < 5, f"orvanta run took {elapsed:.1f}s for a 1s timeout"
+    assert 1.0 <= result["duration"] < 5
+    assert any("timed out after 1s" in line for line in result["log"]), result["log"]
+    assert rc != 0
+    assert processes_with(marker) == []
+    assert jobs_left(state_dir) == []
+
+
+@pytest.mark.req("R-JOB-4")
+@pytest.mark.parametrize("backend", ["none", "nsjail"])
+def test_huge_output_is_truncated_with_a_note(
+    run_job: Callable[..., CliRun], backend_env: dict[str, str]
+) -> None:
+    script = "import sys\nsys.stdout.write('x' * 5_000_000)\nsys.stderr.write('done')\n"
+    rc, result, stderr = run_job(script, env={**backend_env, "ORVANTA_OUTPUT_LIMIT": "65536"})
+    assert result is not None, stderr
+    assert result["status"] == "success" and rc == 0
+    kept, _, note = result["stdout"].partition("\n")
+    assert kept == "x" * 65536
+    assert note == f"[output truncated: {5_000_000 - 65536} more bytes dropped]\n"
+    assert result["stderr"] == "done"
+    assert f"stdout truncated at 65536 bytes ({5_000_000 - 65536} bytes dropped)" in result["log"]
+
+
+@pytest.mark.req("R-JOB-4")
+def test_output_under_the_limit_is_untouched(run_job: Callable[..., CliRun]) -> None:
+    script = "print('y' * 1000)\n"
+    _rc, result, stderr = run_job(script, env={"ORVANTA_OUTPUT_LIMIT": "65536"})
+    assert result is not None, stderr
+    assert result["stdout"] == "y" * 1000 + "\n"
+    assert not any("truncated" in line for line in result["log"])
+
+
+@pytest.mark.req("R-JOB-5")
+def test_each_job_gets_its_own_directory_removed_afterwards(
+    run_job: Callable[..., CliRun], backend: str, backend_env: dict[str, str], state_dir: Path
+) -> None:
+    script = """
+import json, os
+open("scratch.txt", "w").write("data")
+print(json.dumps({"cwd": os.getcwd(), "files": sorted(os.listdir("."))}))
+"""
+    first = run_job(script, env=backend_env)
+    second = run_job(script, env=backend_env)
+    for run in (first, second):
+        assert run.result is not None and run.result["status"] == "success", run
+        data = json.loads(run.result["stdout"])
+        assert data["files"] == ["main.py", "scratch.txt"]  # nothing from the other job
+        if backend == "nsjail":
+            assert data["cwd"] == "/job"
+        else:
+            assert data["cwd"] == str(state_dir / "jobs" / run.result["job_id"] / "job")
+    assert jobs_left(state_dir) == []
+
+
+@pytest.mark.req("R-JOB-3", "R-JOB-4", "R-TBL-RES")
+@pytest.mark.parametrize("backend", ["nsjail"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "exits",
+        "times-out",
+    ],
+)
+def test_nsjail_cgroups_are_removed(
+    run_job: Callable[..., CliRun], backend_env: dict[str, str], how: str
+) -> None:
+    if not (CGROUP_ROOT / "memory").is_dir():
+        pytest.skip("nsjail makes cgroup v1 groups under <controller>/orvanta only on cgroup v1")
+    script = PRINT_NSJAIL_CGROUPS + ("import time\ntime.sleep(30)\n" if how == "times-out" else "")
+    _rc, result, stderr = run_job(script, env=backend_env, args=["--timeout", "1"])
+    assert result is not None, stderr
+    dirs = nsjail_cgroup_dirs(result["stderr"])
+    try:
+        assert result["status"] == ("timeout" if how == "times-out" else "success")
+        assert dirs, result  # the job did live in nsjail's cgroups
+        assert [d for d in dirs if d.exists()] == []
+    finally:
+        tidy_cgroups(dirs)
