@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     cancel.set_defaults(func=cmd_cancel)
 
+    setting = sub.add_parser(
+        "settings", help="show or change the job_isolation instance setting (live, R-SEL-7)"
+    )
+    setting.add_argument("key", choices=("job_isolation",))
+    setting.add_argument("value", nargs="?", help="nsjail_sandboxing, none, or --unset")
+    setting.add_argument("--unset", action="store_true")
+    setting.set_defaults(func=cmd_settings)
+
     doctor = sub.add_parser("doctor", help="check this host for what isolation needs")
     doctor.set_defaults(func=cmd_doctor)
 
@@ -154,6 +162,21 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     except KeyError as exc:
         raise SystemExit(f"orvanta: {exc.args[0]}") from None
     print(f"{args.job_id}: {outcome}")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.queue import JobQueue
+    from runtime.settings import JOB_ISOLATION_VALUES
+
+    queue = JobQueue.in_state_dir(settings.state_dir)
+    if args.unset:
+        queue.set_setting(args.key, None)
+    elif args.value is not None:
+        if args.value not in JOB_ISOLATION_VALUES:
+            raise SettingsError(args.key, args.value, ", ".join(JOB_ISOLATION_VALUES))
+        queue.set_setting(args.key, args.value)
+    print(f"{args.key}={queue.setting(args.key) or '(unset)'}")
     return 0
 
 

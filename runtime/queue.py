@@ -34,6 +34,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     result      TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, created);
+CREATE TABLE IF NOT EXISTS instance_settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -155,6 +159,21 @@ class JobQueue:
                     f"on {self.path}? (start one with: orvanta worker)"
                 )
             time.sleep(poll)
+
+    def setting(self, key: str) -> str | None:
+        """An instance setting (job_isolation) as every worker on this queue sees it."""
+        row = self.db.execute("SELECT value FROM instance_settings WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM instance_settings WHERE key=?", (key,))
+        else:
+            self.db.execute(
+                "INSERT INTO instance_settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
 
     def counts(self) -> dict[str, Any]:
         return dict(self.db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())

@@ -13,12 +13,13 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from types import FrameType
 
 from runtime.executor import Cancellation, JobResult, JobRunner, JobSpec
 from runtime.queue import JobQueue
 from runtime.selection import IsolationUnavailableError, select_isolation
-from runtime.settings import Settings
+from runtime.settings import JOB_ISOLATION_VALUES, Settings
 from runtime.startup import HostCapabilities, probe_host
 
 log = logging.getLogger("orvanta.worker")
@@ -101,6 +102,8 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
         self.lease = runner.settings.lease_seconds
+        self._active = runner.settings.job_isolation
+        self._rejected: str | None = None
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -123,7 +126,7 @@ class Worker:
             if spec is None:
                 self.stopping.wait(IDLE_POLL_SECONDS)
                 continue
-            result = self._run_with_lease(spec)
+            result = self._run_with_lease(spec, self._current_settings())
             if not self.queue.complete(result, self.name):
                 log.warning("job %s: lease lost before completion; result dropped", spec.id)
             log.info(
@@ -137,7 +140,49 @@ class Worker:
             done += 1
         return done
 
-    def _run_with_lease(self, spec: JobSpec) -> JobResult:
+    def _current_settings(self) -> Settings:
+        """The worker's settings with the live job_isolation instance setting (R-SEL-7).
+
+        Read before every job, so a change applies without a restart. A value this
+        worker cannot use is logged and ignored; it never stops the worker.
+        """
+        settings = self.runner.settings
+        try:
+            value = self.queue.setting("job_isolation")
+        except Exception as exc:  # a broken settings table must not crash the worker
+            log.error(
+                "job_isolation: cannot read the instance setting (%s); keeping %s",
+                exc,
+                settings.job_isolation,
+            )
+            return settings
+        if value is None or value == settings.job_isolation:
+            current = settings
+        elif value not in JOB_ISOLATION_VALUES:
+            if value != self._rejected:
+                log.error(
+                    "job_isolation=%r is not valid (accepted: %s); keeping %s",
+                    value,
+                    ", ".join(JOB_ISOLATION_VALUES),
+                    settings.job_isolation or "unset",
+                )
+                self._rejected = value
+            current = settings
+        else:
+            current = replace(settings, job_isolation=None if value == "none" else value)
+        if current.job_isolation != self._active:
+            self._active = current.job_isolation
+            log.info("job_isolation is now %s", self._active or "unset")
+            if current.force_nsjail and not self.runner.caps.nsjail.ok:
+                log.error(
+                    "job_isolation=nsjail_sandboxing but nsjail is not available on this "
+                    "worker (%s): its jobs fail until nsjail is installed or the setting "
+                    "changes",
+                    self.runner.caps.nsjail.detail,
+                )
+        return current
+
+    def _run_with_lease(self, spec: JobSpec, settings: Settings) -> JobResult:
         """Run the job while a thread renews its lease and watches for a cancel request.
 
         A job error never stops the worker.
@@ -157,7 +202,7 @@ class Worker:
         keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)
         keeper.start()
         try:
-            return self.runner.run(spec, cancel=cancel)
+            return self.runner.run(spec, settings, cancel=cancel)
         except Exception as exc:
             log.exception("job %s: the worker could not run it", spec.id)
             return JobResult(
