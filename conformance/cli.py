@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
         "documented. 2: the audit itself could not run.",
     )
     audit.add_argument("--backend", default="all", choices=("none", "unshare", "nsjail", "all"))
-    audit.add_argument("--platform", default="host", help="host, a container platform, or all")
+    audit.add_argument("--platform", default="all", help="a platform of matrix.yaml, or all")
     audit.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
     audit.add_argument("--matrix", type=Path, default=ROOT / "matrix.yaml")
     audit.add_argument("-n", "--jobs", type=int, default=2, help="parallel pytest workers")

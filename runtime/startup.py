@@ -97,8 +97,19 @@ def probe_nsjail(settings: Settings) -> Probe:
         config.write_text(render_config("bash", settings, job_dir, timeout=PROBE_TIMEOUT))
         ok, output = _run([path, "--config", str(config), "--", "/bin/true"])
     if not ok:
-        return Probe(None, f"{path} cannot start a jail here: {output}")
+        return Probe(None, f"{path} cannot start a jail here: {output}{_userns_hint(settings)}")
     return Probe(path, f"{path} (nsjail {_nsjail_version(path)}): live probe ok")
+
+
+def _userns_hint(settings: Settings) -> str:
+    """Name the usual cause (R-PLT-5): no user namespaces may be created here."""
+    limit = Path("/proc/sys/user/max_user_namespaces")
+    if settings.disable_nuser or not limit.exists() or limit.read_text().strip() != "0":
+        return ""
+    return (
+        " (user.max_user_namespaces=0: this host allows no user namespaces, as on Bottlerocket;"
+        " set DISABLE_NUSER=true to run nsjail without one, or raise the limit)"
+    )
 
 
 def probe_unshare(settings: Settings) -> Probe:

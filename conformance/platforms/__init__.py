@@ -45,10 +45,11 @@ class UnknownPlatformError(ValueError):
 
 
 def open_platform(name: str, options: dict[str, Any]) -> Platform:
+    """The platform called `name` in matrix.yaml; its `driver` (default: the name) picks the code."""
     try:
-        target = PLATFORMS[name]
+        target = PLATFORMS[options.get("driver", name)]
     except KeyError:
-        raise UnknownPlatformError(name) from None
+        raise UnknownPlatformError(options.get("driver", name)) from None
     module_name, _, class_name = target.partition(":")
     module = __import__(module_name, fromlist=[class_name])
     platform: Platform = getattr(module, class_name)(options)

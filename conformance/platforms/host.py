@@ -1,4 +1,9 @@
-"""The machine itself: workers are local processes started the way an operator would."""
+"""The machine itself: workers are local processes started the way an operator would.
+
+Option `userns_off: true` starts the worker inside a user namespace made for it
+whose user.max_user_namespaces is 0, as on Bottlerocket (R-PLT-5): the worker
+cannot create user namespaces, and the host's own limit is never touched.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,25 @@ class HostPlatform:
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
+        self.prefix: list[str] = []
+        if options.get("userns_off"):
+            self.prefix = [
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--",
+                "sh",
+                "-c",
+                'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"',
+                "sh",
+            ]
 
     def spawn_worker(
         self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
     ) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "runtime.cli", "worker"],
+                [*self.prefix, sys.executable, "-m", "runtime.cli", "worker"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -51,6 +68,7 @@ class HostPlatform:
         wanted = ("CapEff", "CapBnd", "Seccomp", "NoNewPrivs")
         return {
             "platform": self.name,
+            "options": self.options,
             "kernel": platform.release(),
             **{
                 line.split(":")[0]: line.split(":")[1].strip()
