@@ -27,10 +27,10 @@ class AuditCollector:
         self.progress = progress
         self.started = time.monotonic()
         self.tests: dict[str, model.TestRecord] = {}
-        self.reporter: Any = None
+        self.config: pytest.Config | None = None
 
-    def pytest_configure(self, config: pytest.Config) -> None:
-        self.reporter = config.pluginmanager.get_plugin("terminalreporter")
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.config = session.config
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -48,11 +48,12 @@ class AuditCollector:
         elif report.skipped and record.outcome == "passed":
             record.outcome = "skipped"
             record.message = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
-        if self.progress and report.when == "teardown" and self.reporter is not None:
+        reporter = self.config and self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.progress and report.when == "teardown" and reporter is not None:
             run = record.props.get("orvanta_run")
             what = f"{run['measured']} (expected {run['expected']})" if run else record.outcome
             elapsed = time.monotonic() - self.started
-            self.reporter.write_line(
+            reporter.write_line(
                 f"[{elapsed:6.1f}s] {record.outcome:7} {_short(report.nodeid)}: {what}"
             )
 

@@ -9,6 +9,7 @@ Probes look for the public marker; reports mask the random part.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import threading
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MARKER = "ORVANTA_CANARY"
+SECRET = re.compile(MARKER + r"_[0-9a-f]{8,}")
 
 
 @dataclass
@@ -75,8 +77,10 @@ class Canaries:
         env.update({f"PROBE_LIMIT_{k.upper()}": str(v) for k, v in limits.items()})
         return env
 
-    def mask(self, text: str) -> str:
-        return text.replace(self.secret, f"{MARKER}_***")
+    @staticmethod
+    def mask(text: str) -> str:
+        """Every canary secret, this cell's or another's (a probe may see a neighbour cell's)."""
+        return SECRET.sub(f"{MARKER}_***", text)
 
     def close(self) -> None:
         if self._listener is not None:

@@ -46,6 +46,7 @@ def audit_command(args: argparse.Namespace, _settings: object) -> int:
         "--current-env",
         "--audit-progress",
         "-q",
+        "--tb=line",
         "-p",
         "no:cacheprovider",
     ]

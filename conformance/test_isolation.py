@@ -33,6 +33,7 @@ def test_probe(
             "probe": probe.name,
             "property": probe.row,
             "req": list(probe.req),
+            "documented": matrix.documented(cell.cell, probe),
             "expected": expected,
             "measured": run.outcome,
             "override": {"kind": override.kind, "reason": override.reason} if override else None,

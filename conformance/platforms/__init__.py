@@ -45,7 +45,7 @@ class UnknownPlatformError(ValueError):
 
 
 def open_platform(name: str, options: dict[str, Any]) -> Platform:
-    """The platform called `name` in matrix.yaml; its `driver` (default: the name) picks the code."""
+    """The platform `name` of matrix.yaml; its `driver` (default: the name) picks the code."""
     try:
         target = PLATFORMS[options.get("driver", name)]
     except KeyError:

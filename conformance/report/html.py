@@ -58,7 +58,7 @@ def _table(report: dict[str, Any]) -> str:
                 f"<td class='{cls}' title='{escape(probes)}'>"
                 f"documented: <b>{escape(c['documented'])}</b><br>"
                 f"measured: <b>{escape(c['measured'])}</b><br><small>{escape(c['status'])}"
-                f" · {escape(str(c['cell']))}</small></td>"
+                f" · {escape(c['cell'] or 'no cell ran')}</small></td>"
             )
         rows.append(
             f"<tr><th>{escape(row['property'])}<br><small>{escape(row['req'])}</small>"
@@ -78,7 +78,8 @@ def _deviations(report: dict[str, Any]) -> str:
         o = d["override"] or {"kind": "fail", "reason": "the expectation does not hold"}
         rows.append(
             f"<tr class='{escape(o['kind'])}'><td>{escape(d['cell'])}</td><td>{escape(d['probe'])}"
-            f"</td><td>{escape(d['property'])}</td><td>{escape(d['expected'])}</td>"
+            f"</td><td>{escape(d['property'])}</td><td>{escape(d['documented'])}</td>"
+            f"<td>{escape(d['expected'])}</td>"
             f"<td>{escape(d['measured'])}</td><td>{escape(o['kind'])}</td>"
             f"<td>{escape(o['reason'])}</td><td><code>{escape(d['evidence'][:400])}</code></td></tr>"
         )

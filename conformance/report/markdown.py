@@ -32,13 +32,14 @@ def render(report: dict[str, Any]) -> str:
             "",
             "### Documentation vs measurement",
             "",
-            "| cell | probe | expected | measured | kind | reason |",
-            "|---|---|---|---|---|---|",
+            "| cell | probe | page says | expected here | measured | kind | reason |",
+            "|---|---|---|---|---|---|---|",
         ]
         for d in report["deviations"]:
             o = d["override"] or {"kind": "failure", "reason": "does not hold"}
             lines.append(
-                f"| {d['cell']} | {d['probe']} | {d['expected']} | {d['measured']} | "
+                f"| {d['cell']} | {d['probe']} | {d['documented']} | {d['expected']} | "
+                f"{d['measured']} | "
                 f"{o['kind']} | {o['reason'][:160]} |"
             )
     uncovered = [c["req"] for c in report["coverage"] if c["status"] == "uncovered"]

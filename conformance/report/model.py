@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import yaml
 
+from conformance.canaries import Canaries
 from conformance.matrix import Matrix
 
 SCHEMA_ID = "orvanta-audit/1"
 WORDS = {"blocked": "protected", "exposed": "not protected"}
-_SECRET = re.compile(r"ORVANTA_CANARY_[0-9a-f]{8,}")
 
 
 @dataclass
@@ -35,7 +34,7 @@ class TestRecord:
 
 def mask(text: str) -> str:
     """No secret is ever written in clear: every canary value is replaced by its marker."""
-    return _SECRET.sub("ORVANTA_CANARY_***", text)
+    return Canaries.mask(text)
 
 
 def requirements() -> dict[str, str]:
@@ -109,10 +108,13 @@ def _cells(matrix: Matrix, tests: list[TestRecord]) -> list[dict[str, Any]]:
 
 
 def _table(matrix: Matrix, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The page's table: per backend, the reference cell (first table cell, no overrides)."""
+    """The page's table: per backend, the reference cell (the current environment's cell,
+    else the first table cell without overrides)."""
     reference: dict[str, dict[str, Any]] = {}
     overridden = {c.id for c in matrix.cells if c.overrides or c.annotate}
-    for cell in cells:
+    # the worker as this environment configures it (orvanta audit) comes first
+    ordered = sorted(cells, key=lambda c: "/current-env/" not in c["id"])
+    for cell in ordered:
         if cell["kind"] == "table" and cell["probes"] and cell["id"] not in overridden:
             reference.setdefault(cell["backend"], cell)
     rows = []
