@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("orvanta.cgroups")
@@ -60,7 +61,7 @@ class JobCgroup:
         self.nsjail_parents = nsjail_parents
 
     @classmethod
-    def create(cls, job_id: str) -> JobCgroup | None:
+    def create(cls, job_id: str, nsjail: bool = False) -> JobCgroup | None:
         """The job's group (an existing one, left by a killed worker, is reused and emptied
         by the caller), or None where this process may not make one."""
         v2 = is_v2()
@@ -73,7 +74,7 @@ class JobCgroup:
             log.debug("no tracking cgroup for job %s: %s", job_id, exc)
             return None
         parents = []
-        if not v2:
+        if nsjail and not v2:
             for controller in NSJAIL_CONTROLLERS:
                 parent = ROOT / controller / job_group(job_id)
                 try:
@@ -94,9 +95,21 @@ class JobCgroup:
             return []
         return [int(line) for line in text.split()]
 
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """The worker itself inside the job's group, so that what it spawns is born there."""
+        home = _own_group(self.path.parent.parent if not self.v2 else ROOT, self.v2)
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            yield
+        finally:
+            (home / "cgroup.procs").write_text(str(os.getpid()))
+
     def kill_all(self, deadline: float = 5.0) -> int:
         """SIGKILL every process in the group until it is empty; returns how many were hit."""
         killed = 0
+        if not self.pids():
+            return 0
         end = time.monotonic() + deadline
         if self.v2 and (self.path / "cgroup.kill").exists():
             pids = self.pids()
@@ -135,6 +148,16 @@ class JobCgroup:
             end = time.monotonic() + 1.0
             while state.read_text().strip() != "FROZEN" and time.monotonic() < end:
                 time.sleep(0.005)
+
+
+def _own_group(hierarchy: Path, v2: bool) -> Path:
+    """This process's current group in the hierarchy mounted at `hierarchy`."""
+    controller = hierarchy.name
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (v2 and controllers == "") or controller in controllers.split(","):
+            return hierarchy / path.lstrip("/")
+    raise RuntimeError(f"this process is in no {controller} cgroup")
 
 
 def _rmdir(path: Path) -> None:

@@ -9,7 +9,6 @@ processes survive and its directory is removed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import selectors
@@ -17,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,8 +32,6 @@ log = logging.getLogger("orvanta.executor")
 
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
 
 
@@ -113,7 +110,7 @@ class JobRunner:
 
         timeout = spec.timeout or settings.job_timeout
         root = self.jobs_dir / spec.id
-        cgroup = JobCgroup.create(spec.id)
+        cgroup = JobCgroup.create(spec.id, nsjail=decision.backend == "nsjail")
         if root.exists() or (cgroup is not None and cgroup.pids()):
             # A retry after a worker died mid-job: nothing of that attempt may linger.
             stale = cgroup.kill_all() if cgroup is not None else 0
@@ -122,7 +119,6 @@ class JobRunner:
         nsjail_parent = job_group(spec.id) if cgroup and cgroup.nsjail_parents else PARENT
         job = PreparedJob(spec.id, lang, root / "job", root / "control", timeout, nsjail_parent)
         job.job_dir.mkdir(parents=True)
-        job.control_dir.mkdir()
         (job.job_dir / lang.filename).write_text(spec.script)
         try:
             env = _job_env(spec, backend.inner_dir(job))
@@ -152,20 +148,23 @@ class JobRunner:
         cgroup: JobCgroup | None,
         cancel: Cancellation | None,
     ) -> tuple[int, bool, str, str, list[str]]:
-        procs_file = cgroup.procs_file if cgroup else None
         if cgroup is None:
             reaper.become_subreaper()
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,  # R-JOB-2: nothing but stdio crosses into the job
-            env=env,
-            cwd=job.job_dir,
-            start_new_session=True,
-            preexec_fn=_enter_job(procs_file),
-        )
+        # No preexec_fn: it would force a full fork of the worker for every job. The child is
+        # born in the job's cgroup and at the job's OOM score because the worker takes both on
+        # for the spawn; every process of the job inherits them, with no race.
+        joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
+        with joined, _oom_score(JOB_OOM_SCORE_ADJ):
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                close_fds=True,  # R-JOB-2: nothing but stdio crosses into the job
+                env=env,
+                cwd=job.job_dir,
+                start_new_session=True,
+            )
         try:
             out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
         finally:
@@ -185,28 +184,28 @@ def _job_env(spec: JobSpec, home: str) -> dict[str, str]:
     return env
 
 
-def _enter_job(procs_file: str | None) -> Any:
-    """Runs in the forked child before exec: join the job's cgroup, volunteer for the OOM killer."""
+@contextlib.contextmanager
+def _oom_score(value: bytes) -> Iterator[None]:
+    """The worker's oom_score_adj set to `value` for the moment of a spawn (R-NSJ-3).
 
-    def enter() -> None:
-        # the job's main process dies with the worker, even on kill -9 of the worker
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if procs_file:
-            fd = os.open(procs_file, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        try:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            try:
-                os.write(fd, JOB_OOM_SCORE_ADJ)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
-    return enter
+    Raising it, and lowering it back to where it was, needs no privilege; the job
+    inherits the raised value, so it, not the worker, is what the OOM killer takes.
+    """
+    path = "/proc/self/oom_score_adj"
+    try:
+        with open(path, "rb") as f:
+            before = f.read().strip()
+        with open(path, "wb", buffering=0) as f:
+            f.write(value)
+    except OSError as exc:
+        log.debug("cannot set oom_score_adj for the spawn: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with open(path, "wb", buffering=0) as f:
+            f.write(before)
 
 
 class _Capped:

@@ -110,6 +110,7 @@ class Nsjail:
         return INNER_DIR
 
     def argv(self, job: PreparedJob) -> list[str]:
+        job.control_dir.mkdir(exist_ok=True)
         config = job.control_dir / "nsjail.cfg"
         config.write_text(
             render_config(

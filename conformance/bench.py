@@ -1,0 +1,210 @@
+"""`orvanta bench`: what each backend costs per job, against the raw tool, in the same run.
+
+The machine is noisy, so every number is a median over many runs and every
+claim is a ratio: the runtime's time for a trivial job divided by the raw tool
+launching the same command, measured interleaved (runtime, raw, runtime, ...)
+so that both see the same noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runtime.backends.nsjail import render_config
+from runtime.executor import JobRunner, JobSpec
+from runtime.queue import JobQueue
+from runtime.settings import Settings
+from runtime.startup import probe_host
+
+BACKEND_ENV = {
+    "none": {},
+    "unshare": {"ENABLE_UNSHARE_PID": "true"},
+    "nsjail": {"DISABLE_NSJAIL": "false"},
+}
+SCRIPTS = {"bash": "true\n", "python3": "pass\n"}
+
+
+def register(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="per-job overhead vs the raw tools, and worker throughput")
+    bench.add_argument("--runs", type=int, default=40, help="jobs per measurement (default 40)")
+    bench.add_argument("--backend", default="all", choices=(*BACKEND_ENV, "all"))
+    bench.add_argument("--throughput-jobs", type=int, default=100)
+    bench.add_argument("--json", type=Path, default=None, help="also write the results here")
+    bench.add_argument("--markdown", action="store_true", help="print the README table")
+    bench.set_defaults(func=bench_command)
+
+
+def bench_command(args: argparse.Namespace, _settings: object) -> int:
+    backends = list(BACKEND_ENV) if args.backend == "all" else [args.backend]
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.release()}",
+        "runs": args.runs,
+        "per_job": [],
+        "throughput": [],
+    }
+    for backend in backends:
+        for language in SCRIPTS:
+            row = per_job(backend, language, args.runs)
+            results["per_job"].append(row)
+            _progress(f"{backend:8} {language:8} runtime {row['runtime_ms']['median']:7.2f} ms  "
+                      f"raw {row['raw_ms']['median']:7.2f} ms  ratio {row['ratio']:.2f}  "
+                      f"overhead {row['overhead_ms']:+.2f} ms")
+        row = throughput(backend, args.throughput_jobs)
+        results["throughput"].append(row)
+        _progress(f"{backend:8} throughput {row['worker_jobs_per_s']:6.1f} jobs/s, raw ceiling "
+                  f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results) if args.markdown else json.dumps(results, indent=2))
+    return 0
+
+
+def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
+    """Interleaved runs of one trivial job through the runtime and through the raw tool."""
+    with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
+        settings = Settings.from_env({**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp})
+        runner = JobRunner(settings, probe_host(settings))
+        raw = raw_command(backend, language, settings, Path(tmp))
+        spec = SCRIPTS[language]
+
+        def through_runtime() -> None:
+            result = runner.run(JobSpec(uuid.uuid4().hex[:16], language, spec))
+            assert result.status == "success" and result.isolation == backend, result
+
+        def through_raw() -> None:
+            subprocess.run(raw, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True)
+
+        for _ in range(3):  # warm caches and the page cache for both
+            through_runtime()
+            through_raw()
+        runtime_s, raw_s = [], []
+        for _ in range(runs):
+            runtime_s.append(_timed(through_runtime))
+            raw_s.append(_timed(through_raw))
+    runtime_ms, raw_ms = _stats(runtime_s), _stats(raw_s)
+    return {
+        "backend": backend,
+        "language": language,
+        "raw_command": " ".join(raw),
+        "runtime_ms": runtime_ms,
+        "raw_ms": raw_ms,
+        "ratio": round(runtime_ms["median"] / raw_ms["median"], 3),
+        "overhead_ms": round(runtime_ms["median"] - raw_ms["median"], 3),
+    }
+
+
+def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> list[str]:
+    """The raw tool launching the same trivial command, as an operator would by hand."""
+    script = tmp / ("raw.sh" if language == "bash" else "raw.py")
+    script.write_text(SCRIPTS[language])
+    command = ["/bin/bash", str(script)] if language == "bash" else [settings.python_path, "-u",
+                                                                        str(script)]
+    caps = probe_host(settings)
+    if backend == "unshare":
+        assert caps.unshare.path and caps.tini.path
+        return [caps.unshare.path, *settings.unshare_flags, "--", caps.tini.path, "-s", "--",
+                *command]
+    if backend == "nsjail":
+        assert caps.nsjail.path
+        job_dir = tmp / "rawjob"
+        job_dir.mkdir(exist_ok=True)
+        (job_dir / script.name).write_text(SCRIPTS[language])
+        config = tmp / f"raw-{language}.cfg"
+        config.write_text(render_config(language, settings, job_dir, timeout=30))
+        inner = ["/bin/bash", f"/job/{script.name}"] if language == "bash" else [
+            settings.python_path, "-u", f"/job/{script.name}"]
+        return [caps.nsjail.path, "-Mo", "--config", str(config), "--", *inner]
+    return command
+
+
+def throughput(backend: str, jobs: int) -> dict[str, Any]:
+    """Trivial Bash jobs/s through the queue for one `orvanta worker`, and the raw tool's rate."""
+    with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
+        env = {**os.environ, **BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp}
+        queue = JobQueue.in_state_dir(Path(tmp))
+        ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
+        worker = subprocess.Popen([sys.executable, "-m", "runtime.cli", "worker"], env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert worker.stderr is not None
+            for line in worker.stderr:  # start-up is not part of the rate
+                if "pulling jobs" in line:
+                    break
+            started = time.monotonic()
+            queue.wait(ids[-1], 300, poll=0.005)
+            elapsed = time.monotonic() - started
+            done = queue.counts().get("done", 0)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+            queue.close()
+        settings = Settings.from_env({**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp})
+        raw = raw_command(backend, "bash", settings, Path(tmp))
+        raw_started = time.monotonic()
+        for _ in range(jobs):
+            subprocess.run(raw, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=True)
+        raw_elapsed = time.monotonic() - raw_started
+    worker_rate, raw_rate = done / elapsed, jobs / raw_elapsed
+    return {
+        "backend": backend,
+        "jobs": jobs,
+        "worker_jobs_per_s": round(worker_rate, 1),
+        "raw_jobs_per_s": round(raw_rate, 1),
+        "share": round(worker_rate / raw_rate, 3),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"Measured {results['date']} on {results['machine']}; medians over {results['runs']} "
+        "interleaved runs.",
+        "",
+        "| backend | job | runtime median (p95) | raw tool median (p95) | ratio | overhead |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["per_job"]:
+        lines.append(
+            f"| {r['backend']} | {r['language']} | {r['runtime_ms']['median']:.2f} ms "
+            f"({r['runtime_ms']['p95']:.2f}) | {r['raw_ms']['median']:.2f} ms "
+            f"({r['raw_ms']['p95']:.2f}) | {r['ratio']:.2f}× | {r['overhead_ms']:+.2f} ms |"
+        )
+    lines += ["", "| backend | worker jobs/s | raw tool jobs/s | share |", "|---|---|---|---|"]
+    for t in results["throughput"]:
+        lines.append(f"| {t['backend']} | {t['worker_jobs_per_s']} | {t['raw_jobs_per_s']} | "
+                     f"{t['share']:.0%} |")
+    return "\n".join(lines)
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in samples)
+    return {
+        "median": round(statistics.median(ms), 3),
+        "p95": round(ms[min(len(ms) - 1, int(len(ms) * 0.95))], 3),
+        "min": round(ms[0], 3),
+    }
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
