@@ -59,13 +59,17 @@ def bench_command(args: argparse.Namespace, _settings: object) -> int:
         for language in SCRIPTS:
             row = per_job(backend, language, args.runs)
             results["per_job"].append(row)
-            _progress(f"{backend:8} {language:8} runtime {row['runtime_ms']['median']:7.2f} ms  "
-                      f"raw {row['raw_ms']['median']:7.2f} ms  ratio {row['ratio']:.2f}  "
-                      f"overhead {row['overhead_ms']:+.2f} ms")
+            _progress(
+                f"{backend:8} {language:8} runtime {row['runtime_ms']['median']:7.2f} ms  "
+                f"raw {row['raw_ms']['median']:7.2f} ms  ratio {row['ratio']:.2f}  "
+                f"overhead {row['overhead_ms']:+.2f} ms"
+            )
         row = throughput(backend, args.throughput_jobs)
         results["throughput"].append(row)
-        _progress(f"{backend:8} throughput {row['worker_jobs_per_s']:6.1f} jobs/s, raw ceiling "
-                  f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})")
+        _progress(
+            f"{backend:8} throughput {row['worker_jobs_per_s']:6.1f} jobs/s, raw ceiling "
+            f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results) if args.markdown else json.dumps(results, indent=2))
@@ -85,8 +89,13 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
             assert result.status == "success" and result.isolation == backend, result
 
         def through_raw() -> None:
-            subprocess.run(raw, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                raw,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=True,
+            )
 
         for _ in range(3):  # warm caches and the page cache for both
             through_runtime()
@@ -111,13 +120,23 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
     """The raw tool launching the same trivial command, as an operator would by hand."""
     script = tmp / ("raw.sh" if language == "bash" else "raw.py")
     script.write_text(SCRIPTS[language])
-    command = ["/bin/bash", str(script)] if language == "bash" else [settings.python_path, "-u",
-                                                                        str(script)]
+    command = (
+        ["/bin/bash", str(script)]
+        if language == "bash"
+        else [settings.python_path, "-u", str(script)]
+    )
     caps = probe_host(settings)
     if backend == "unshare":
         assert caps.unshare.path and caps.tini.path
-        return [caps.unshare.path, *settings.unshare_flags, "--", caps.tini.path, "-s", "--",
-                *command]
+        return [
+            caps.unshare.path,
+            *settings.unshare_flags,
+            "--",
+            caps.tini.path,
+            "-s",
+            "--",
+            *command,
+        ]
     if backend == "nsjail":
         assert caps.nsjail.path
         job_dir = tmp / "rawjob"
@@ -125,8 +144,11 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
         (job_dir / script.name).write_text(SCRIPTS[language])
         config = tmp / f"raw-{language}.cfg"
         config.write_text(render_config(language, settings, job_dir, timeout=30))
-        inner = ["/bin/bash", f"/job/{script.name}"] if language == "bash" else [
-            settings.python_path, "-u", f"/job/{script.name}"]
+        inner = (
+            ["/bin/bash", f"/job/{script.name}"]
+            if language == "bash"
+            else [settings.python_path, "-u", f"/job/{script.name}"]
+        )
         return [caps.nsjail.path, "-Mo", "--config", str(config), "--", *inner]
     return command
 
@@ -137,9 +159,14 @@ def throughput(backend: str, jobs: int) -> dict[str, Any]:
         env = {**os.environ, **BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp}
         queue = JobQueue.in_state_dir(Path(tmp))
         ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
-        worker = subprocess.Popen([sys.executable, "-m", "runtime.cli", "worker"], env=env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "worker"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert worker.stderr is not None
             for line in worker.stderr:  # start-up is not part of the rate
@@ -157,8 +184,13 @@ def throughput(backend: str, jobs: int) -> dict[str, Any]:
         raw = raw_command(backend, "bash", settings, Path(tmp))
         raw_started = time.monotonic()
         for _ in range(jobs):
-            subprocess.run(raw, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=True)
+            subprocess.run(
+                raw,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=True,
+            )
         raw_elapsed = time.monotonic() - raw_started
     worker_rate, raw_rate = done / elapsed, jobs / raw_elapsed
     return {
@@ -182,12 +214,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['backend']} | {r['language']} | {r['runtime_ms']['median']:.2f} ms "
             f"({r['runtime_ms']['p95']:.2f}) | {r['raw_ms']['median']:.2f} ms "
-            f"({r['raw_ms']['p95']:.2f}) | {r['ratio']:.2f}× | {r['overhead_ms']:+.2f} ms |"
+            f"({r['raw_ms']['p95']:.2f}) | {r['ratio']:.2f}x | {r['overhead_ms']:+.2f} ms |"
         )
     lines += ["", "| backend | worker jobs/s | raw tool jobs/s | share |", "|---|---|---|---|"]
     for t in results["throughput"]:
-        lines.append(f"| {t['backend']} | {t['worker_jobs_per_s']} | {t['raw_jobs_per_s']} | "
-                     f"{t['share']:.0%} |")
+        lines.append(
+            f"| {t['backend']} | {t['worker_jobs_per_s']} | {t['raw_jobs_per_s']} | "
+            f"{t['share']:.0%} |"
+        )
     return "\n".join(lines)
 
 
