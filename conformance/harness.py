@@ -8,7 +8,6 @@ must not reach), the second runs the probes one by one.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.canaries import Canaries
-from conformance.matrix import ISOLATION_VARS, Cell, Matrix, Probe
+from conformance.matrix import Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
 from runtime.executor import JobResult
 from runtime.queue import JobQueue
@@ -85,8 +84,9 @@ class CellSession:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self.canaries.listen()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.platform.start(self.root)
+        self.platform.listen(self.canaries)
         first = self._spawn("worker-a")
         if self.cell.kind == "refuses_start":
             proc, _ = first
@@ -107,6 +107,7 @@ class CellSession:
     def close(self) -> None:
         if self.queue is not None and self.neighbour_id is not None:
             self.queue.cancel(self.neighbour_id)
+        self.platform.stop_workers()
         for proc, _ in self.workers:
             if proc.poll() is None:
                 proc.terminate()
@@ -155,8 +156,9 @@ class CellSession:
         return f"# sandbox\n{text}" if self.cell.annotate else text
 
     def _worker_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in (*ISOLATION_VARS, "DATABASE_URL")}
+        env = self.platform.base_env()
         env.update(self.cell.env)
+        env["CANARY_FILE"] = str(self.canaries.secret_file)
         env.update(
             {
                 var: str(self.matrix.limits[k])

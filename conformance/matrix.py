@@ -16,6 +16,8 @@ import yaml
 BACKENDS = ("none", "unshare", "nsjail")
 OUTCOMES = ("blocked", "exposed")
 PROBES_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "probes"
+JOBS_DIR = PROBES_DIR.parent / "jobs"
+EXPECT_KINDS = ("refuses_start", "job_error", "job_exit")
 
 
 class MatrixError(ValueError):
@@ -57,12 +59,13 @@ class Cell:
     platform: str
     backend: str
     env: dict[str, str]
-    kind: str  # table | refuses_start | job_error
-    message: str  # what refuses_start / job_error must contain
+    kind: str  # table | refuses_start | job_error | job_exit
+    message: str  # what refuses_start / job_error / job_exit must contain
     req: tuple[str, ...]
     annotate: bool = False
     overrides: dict[str, Override] = field(default_factory=dict)
     startup_log: tuple[str, ...] = ()
+    job: str = ""  # job_exit: the script of fixtures/jobs/ to run
 
 
 @dataclass(frozen=True)
@@ -174,24 +177,20 @@ def _cell(
     expect = spec.get("expect", "table")
     if expect == "table":
         kind, message = "table", ""
-    elif (
-        isinstance(expect, dict)
-        and len(expect) == 1
-        and next(iter(expect))
-        in (
-            "refuses_start",
-            "job_error",
-        )
-    ):
+    elif isinstance(expect, dict) and len(expect) == 1 and next(iter(expect)) in EXPECT_KINDS:
         kind, message = next(iter(expect.items()))
+        if kind == "job_exit" and not (JOBS_DIR / f"{spec.get('job')}.py").is_file():
+            raise MatrixError(path, where, f"job_exit needs job: NAME of a script in {JOBS_DIR}")
     else:
         raise MatrixError(
             path,
             where,
-            f"expect {expect!r}: use table, {{refuses_start: TEXT}} or {{job_error: TEXT}}",
+            f"expect {expect!r}: use table, {{refuses_start: TEXT}}, {{job_error: TEXT}} or "
+            "{job_exit: TEXT} with job: NAME",
         )
     overrides = {}
-    for name, o in (spec.get("overrides") or {}).items():
+    platform_overrides = platforms[spec["platform"]].get("overrides") or {}
+    for name, o in {**platform_overrides, **(spec.get("overrides") or {})}.items():
         if name not in probes:
             raise MatrixError(path, f"{where}.overrides", f"unknown probe {name!r}")
         if o.get("outcome") not in OUTCOMES or o.get("kind") not in ("documented", "finding"):
@@ -212,6 +211,7 @@ def _cell(
         annotate=bool(spec.get("annotate", False)),
         overrides=overrides,
         startup_log=tuple(spec.get("startup_log", ())),
+        job=str(spec.get("job", "")),
     )
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from conformance.audit import AuditCollector
 from conformance.harness import CellSession
-from conformance.matrix import BACKENDS, Cell, Matrix, current_env_cell, load
-from conformance.platforms import open_platform
+from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, current_env_cell, load
+from conformance.platforms import driver_of, finish, open_platform, prepare, unavailable
 
 MATRIX_KEY = pytest.StashKey[Matrix]()
 
@@ -118,16 +118,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" not in metafunc.fixturenames:
         return
     kind_marker = metafunc.definition.get_closest_marker("cell_kind")
-    kinds = set(kind_marker.args) if kind_marker else {"table", "refuses_start", "job_error"}
+    kinds = set(kind_marker.args) if kind_marker else {"table", *EXPECT_KINDS}
     cells = [c for c in selected_cells(metafunc.config) if c.kind in kinds]
     if "startup_log" in kinds:
         cells = [c for c in selected_cells(metafunc.config) if c.startup_log]
+    platforms = matrix_of(metafunc.config).platforms
     metafunc.parametrize(
         "cell",
-        [
-            pytest.param(c, id=c.id, marks=[pytest.mark.req(*c.req), pytest.mark.xdist_group(c.id)])
-            for c in cells
-        ],
+        [pytest.param(c, id=c.id, marks=_marks(c, platforms)) for c in cells],
         indirect=True,
         scope="session",
     )
@@ -136,6 +134,29 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(
             "probe", [pytest.param(p, id=p.name, marks=pytest.mark.req(*p.req)) for p in probes]
         )
+
+
+def _marks(cell: Cell, platforms: dict[str, Any]) -> list[pytest.MarkDecorator]:
+    marks = [pytest.mark.req(*cell.req), pytest.mark.xdist_group(cell.id)]
+    reason = unavailable(cell.platform, platforms[cell.platform])
+    if reason:
+        marks.append(pytest.mark.skip(reason=f"platform {cell.platform}: {reason}"))
+    return marks
+
+
+def _drivers(config: pytest.Config) -> set[str]:
+    platforms = matrix_of(config).platforms
+    return {driver_of(c.platform, platforms[c.platform]) for c in selected_cells(config)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # once, on the xdist controller
+        prepare(_drivers(session.config))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):
+        finish(_drivers(session.config))
 
 
 @pytest.fixture(scope="session")

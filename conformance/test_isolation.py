@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conformance.harness import CellSession
-from conformance.matrix import Matrix, Probe
+from conformance.matrix import JOBS_DIR, Matrix, Probe
 
 
 @pytest.mark.cell_kind("table")
@@ -71,6 +71,17 @@ def test_jobs_fail_clearly(cell: CellSession, record: list[dict[str, Any]]) -> N
     assert "ran-unsandboxed" not in result.stdout, "the job ran although it must not"
     assert cell.cell.message in result.stderr, f"error lacks {cell.cell.message!r}: {result.stderr}"
     assert cell.workers_alive(), f"the worker died:\n{cell.startup_log()}"
+
+
+@pytest.mark.cell_kind("job_exit")
+@pytest.mark.req("R-PID-2", "R-NSJ-3")
+def test_job_exit(cell: CellSession, record: list[dict[str, Any]]) -> None:
+    """A job killed by the platform is reported as documented (e.g. OOM -> 137 under tini)."""
+    script = (JOBS_DIR / f"{cell.cell.job}.py").read_text()
+    result = cell.run_script("python3", script)
+    seen = f"exit_code={result.exit_code}\n{result.stderr}"
+    assert cell.cell.message in seen, f"expected {cell.cell.message!r} in: {seen[-1500:]}"
+    assert cell.workers_alive(), f"the worker died, not the job:\n{cell.startup_log()}"
 
 
 @pytest.mark.cell_kind("startup_log")

@@ -47,6 +47,14 @@ def job_group(job_id: str) -> str:
     return f"{PARENT}/job-{job_id}"
 
 
+def nsjail_cgroup_parent() -> str | None:
+    """The shared parent for nsjail's groups, or None where cgroups are not writable here."""
+    if is_v2():
+        return PARENT if os.access(ROOT, os.W_OK) else None
+    ok = all(os.access(ROOT / c / PARENT, os.W_OK) for c in ("memory", "pids"))
+    return PARENT if ok else None
+
+
 class JobCgroup:
     """A cgroup holding every process of one job, so that all of them can be killed.
 

@@ -140,7 +140,7 @@ def _userns_live(sysctls: list[Check]) -> Check:
 
 def _capabilities(status: dict[str, str], settings: Settings) -> Check:
     """The page's minimal set; inside a user namespace the numbers say nothing about the host."""
-    eff, bnd = _cap_names(status.get("CapEff", "")), _cap_names(status.get("CapBnd", ""))
+    eff, bnd = cap_names(status.get("CapEff", "")), cap_names(status.get("CapBnd", ""))
     detail = f"{len(eff)} of {len(CAPS)} effective"
     if _in_user_namespace():
         detail += " (in a user namespace: not valid on the host)"
@@ -181,7 +181,7 @@ def _container(status: dict[str, str], masks: list[str]) -> Check:
     marks += [w for w in ("docker", "kubepods", "containerd", "libpod") if w in cgroup]
     if not marks:
         return Check("container", "info", "no container markers (bare metal or VM)")
-    full = len(_cap_names(status.get("CapBnd", ""))) == len(CAPS)
+    full = len(cap_names(status.get("CapBnd", ""))) == len(CAPS)
     privileged = full and not masks and status.get("Seccomp") == "0" and not _in_user_namespace()
     kind = "looks privileged" if privileged else "not privileged"
     return Check("container", "info", f"container ({', '.join(marks)}), {kind}")
@@ -274,7 +274,7 @@ def _status_fields() -> dict[str, str]:
     return {key: value.strip() for key, _, value in pairs}
 
 
-def _cap_names(mask_hex: str) -> list[str]:
+def cap_names(mask_hex: str) -> list[str]:
     mask = int(mask_hex or "0", 16)
     return [name for bit, name in CAPS.items() if mask >> bit & 1]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from runtime import reaper
 from runtime.backends import PreparedJob, make_backend
-from runtime.cgroups import PARENT, JobCgroup, job_group
+from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
 from runtime.languages import language, wants_sandbox
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
@@ -116,7 +116,9 @@ class JobRunner:
             stale = cgroup.kill_all() if cgroup is not None else 0
             shutil.rmtree(root, ignore_errors=True)
             job_log.append(f"retry: removed the previous attempt's files and {stale} process(es)")
-        nsjail_parent = job_group(spec.id) if cgroup and cgroup.nsjail_parents else PARENT
+        nsjail_parent = (
+            job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
+        )
         job = PreparedJob(spec.id, lang, root / "job", root / "control", timeout, nsjail_parent)
         job.job_dir.mkdir(parents=True)
         (job.job_dir / lang.filename).write_text(spec.script)

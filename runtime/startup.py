@@ -94,7 +94,8 @@ def probe_nsjail(settings: Settings) -> Probe:
         config = Path(tmp) / "probe.cfg"
         job_dir = Path(tmp) / "job"
         job_dir.mkdir()
-        config.write_text(render_config("bash", settings, job_dir, timeout=PROBE_TIMEOUT))
+        parent = cgroups.nsjail_cgroup_parent()
+        config.write_text(render_config("bash", settings, job_dir, PROBE_TIMEOUT, parent))
         ok, output = _run([path, "--config", str(config), "--", "/bin/true"])
     if not ok:
         return Probe(None, f"{path} cannot start a jail here: {output}{_userns_hint(settings)}")

@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from types import FrameType
 
+from runtime import cgroups
 from runtime.executor import Cancellation, JobResult, JobRunner, JobSpec
 from runtime.queue import JobQueue
 from runtime.selection import IsolationUnavailableError, select_isolation
@@ -51,6 +52,11 @@ def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:
         log.error("isolation: every job on this worker will fail: %s", exc)
     if caps.nsjail.ok:
         log.info("nsjail: available: %s", caps.nsjail.detail)
+        if cgroups.nsjail_cgroup_parent() is None:
+            log.warning(
+                "nsjail: cgroups are not writable here: job memory is limited by "
+                "RLIMIT_AS only and the process count is not limited"
+            )
     elif not settings.disable_nsjail:
         log.warning(
             "nsjail: DISABLE_NSJAIL=false but nsjail is not available (%s); "

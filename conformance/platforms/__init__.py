@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from conformance.canaries import Canaries
+
 
 class WorkerProcess(Protocol):
     def poll(self) -> int | None: ...
@@ -21,6 +23,18 @@ class WorkerProcess(Protocol):
 
 class Platform(Protocol):
     name: str
+
+    def start(self, root: Path) -> None:
+        """Make the place ready; `root` (the cell's dir) must be reachable at the same path."""
+
+    def base_env(self) -> dict[str, str]:
+        """The environment a worker starts from, before the cell's settings and canaries."""
+
+    def listen(self, canaries: Canaries) -> int:
+        """Open the canary listener in the workers' network namespace; returns its port."""
+
+    def stop_workers(self) -> None:
+        """Ask workers that the harness cannot signal directly to stop."""
 
     def spawn_worker(
         self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
@@ -36,7 +50,10 @@ class Platform(Protocol):
     def close(self) -> None: ...
 
 
-PLATFORMS = {"host": "conformance.platforms.host:HostPlatform"}
+PLATFORMS = {
+    "host": "conformance.platforms.host:HostPlatform",
+    "docker": "conformance.platforms.docker:DockerPlatform",
+}
 
 
 class UnknownPlatformError(ValueError):
@@ -52,5 +69,38 @@ def open_platform(name: str, options: dict[str, Any]) -> Platform:
         raise UnknownPlatformError(options.get("driver", name)) from None
     module_name, _, class_name = target.partition(":")
     module = __import__(module_name, fromlist=[class_name])
-    platform: Platform = getattr(module, class_name)(options)
+    platform: Platform = getattr(module, class_name)({"name": name, **options})
     return platform
+
+
+def driver_of(name: str, options: dict[str, Any]) -> str:
+    return str(options.get("driver", name))
+
+
+def unavailable(name: str, options: dict[str, Any]) -> str | None:
+    """Why cells of this platform cannot run here at all (a skip reason), or None."""
+    if driver_of(name, options) == "docker":
+        from conformance.platforms.docker import engine_problem
+
+        return engine_problem()
+    return None
+
+
+def prepare(drivers: set[str]) -> None:
+    """Once per run, before any cell: reap leftovers of earlier runs, build what cells need."""
+    if "docker" in drivers:
+        from conformance.image import worker_image
+        from conformance.platforms.docker import engine_problem, reap_leftovers
+
+        if engine_problem() is None:
+            reap_leftovers()
+            worker_image()
+
+
+def finish(drivers: set[str]) -> None:
+    """After the run, even an interrupted one: no container outlives it."""
+    if "docker" in drivers:
+        from conformance.platforms.docker import engine_problem, reap_leftovers
+
+        if engine_problem() is None:
+            reap_leftovers()

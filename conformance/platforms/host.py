@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from conformance.canaries import Canaries
+from conformance.matrix import ISOLATION_VARS
+
 
 class HostPlatform:
     name = "host"
@@ -48,20 +51,21 @@ class HostPlatform:
             )
 
     def survivors(self, marker: str) -> list[str]:
-        found = []
-        needle = marker.encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if needle in cmdline:
-                args = cmdline.replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{entry}: {args}")
-        return found
+        return survivors(marker)
+
+    def start(self, root: Path) -> None:
+        pass
+
+    def base_env(self) -> dict[str, str]:
+        """What an operator's shell hands the worker, minus every isolation setting."""
+        drop = (*ISOLATION_VARS, "DATABASE_URL")
+        return {k: v for k, v in os.environ.items() if k not in drop}
+
+    def listen(self, canaries: Canaries) -> int:
+        return canaries.listen()
+
+    def stop_workers(self) -> None:
+        pass
 
     def facts(self) -> dict[str, Any]:
         status = Path("/proc/self/status").read_text().splitlines()
@@ -79,3 +83,22 @@ class HostPlatform:
 
     def close(self) -> None:
         pass
+
+
+def survivors(marker: str) -> list[str]:
+    """Command lines of live processes whose argv contains marker (any PID namespace's,
+    since the host sees them all)."""
+    found = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if needle in cmdline:
+            args = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{entry}: {args}")
+    return found

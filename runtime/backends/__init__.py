@@ -25,7 +25,7 @@ class PreparedJob:
     job_dir: Path  # on the host
     control_dir: Path  # beside job_dir, never visible to the job (configs, logs)
     timeout: float
-    cgroup_parent: str = "orvanta"  # where nsjail makes its cgroups (cgroup v1)
+    cgroup_parent: str | None = "orvanta"  # where nsjail makes its cgroups; None: no cgroups
 
 
 class Backend(Protocol):

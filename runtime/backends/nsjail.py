@@ -31,7 +31,7 @@ def render_config(
     settings: Settings,
     job_dir: Path,
     timeout: float,
-    cgroup_parent: str = cgroups.PARENT,
+    cgroup_parent: str | None = cgroups.PARENT,
 ) -> str:
     """The nsjail config for one job; every placeholder must be filled (KeyError otherwise)."""
     limits = settings.limits
@@ -47,6 +47,9 @@ def render_config(
         time_limit=int(timeout) + 1,
         clone_newnet=_bool(settings.nsjail_network == "isolated"),
         clone_newuser=_bool(userns),
+        # without a user namespace, bringing the jail's loopback up needs CAP_NET_ADMIN, which
+        # the page's minimal capability set lacks: the jail's network stays isolated, lo down
+        iface_no_lo=_bool(not userns),
         id_maps=id_maps,
         cpu_seconds=limits.cpu_seconds,
         file_size_mb=limits.file_size_mb,
@@ -57,9 +60,15 @@ def render_config(
     )
 
 
-def _cgroup_limits(settings: Settings, parent: str) -> str:
+def _cgroup_limits(settings: Settings, parent: str | None) -> str:
+    """Memory and process-count limits from cgroups; where no cgroup can be made (a read-only
+    cgroupfs in an unprivileged container) memory falls back to RLIMIT_AS and the process
+    count is not limited, which the worker logs at start."""
     limits = settings.limits
+    if parent is None:
+        return f"rlimit_as: {limits.memory_mb}\nrlimit_as_type: VALUE"
     lines = [
+        "rlimit_as_type: INF",
         f"cgroup_mem_max: {limits.memory_mb * 1024 * 1024}",
         f"cgroup_pids_max: {limits.pids}",
     ]

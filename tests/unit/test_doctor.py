@@ -47,7 +47,7 @@ def settings(**env: str) -> Settings:
 
 @pytest.mark.req("R-OPS-2")
 def test_docker_default_mask_names_its_fourteen_capabilities() -> None:
-    names = doctor._cap_names(DOCKER_DEFAULT_MASK)
+    names = doctor.cap_names(DOCKER_DEFAULT_MASK)
     assert names == DOCKER_DEFAULT_CAPS
     assert len(names) == 14
     # the page's minimal set is not in Docker's default one, except SETPCAP
@@ -57,8 +57,8 @@ def test_docker_default_mask_names_its_fourteen_capabilities() -> None:
 
 @pytest.mark.req("R-OPS-2")
 def test_mask_without_leading_zeros_means_the_same() -> None:
-    assert doctor._cap_names("a80425fb") == DOCKER_DEFAULT_CAPS
-    assert doctor._cap_names("A80425FB") == DOCKER_DEFAULT_CAPS
+    assert doctor.cap_names("a80425fb") == DOCKER_DEFAULT_CAPS
+    assert doctor.cap_names("A80425FB") == DOCKER_DEFAULT_CAPS
 
 
 @pytest.mark.req("R-OPS-2")
@@ -78,23 +78,23 @@ def test_mask_without_leading_zeros_means_the_same() -> None:
 )
 def test_single_bits_name_the_linux_capability(bit: int, name: str) -> None:
     """The numbers of linux/capability.h: one bit, one name."""
-    assert doctor._cap_names(f"{1 << bit:016x}") == [name]
+    assert doctor.cap_names(f"{1 << bit:016x}") == [name]
 
 
 @pytest.mark.req("R-OPS-2")
 def test_full_and_empty_masks() -> None:
-    everything = doctor._cap_names(ALL_CAPS_MASK)
+    everything = doctor.cap_names(ALL_CAPS_MASK)
     assert len(everything) == 41
     assert everything[0] == "CHOWN"
     assert everything[-1] == "CHECKPOINT_RESTORE"
     assert len(set(everything)) == 41
-    assert doctor._cap_names("0000000000000000") == []
-    assert doctor._cap_names("") == []  # a missing CapEff line reads as no capabilities
+    assert doctor.cap_names("0000000000000000") == []
+    assert doctor.cap_names("") == []  # a missing CapEff line reads as no capabilities
 
 
 @pytest.mark.req("R-OPS-2")
 def test_a_mask_missing_one_bit_misses_exactly_that_name() -> None:
-    names = doctor._cap_names(ALL_BUT_SYS_RESOURCE)
+    names = doctor.cap_names(ALL_BUT_SYS_RESOURCE)
     assert len(names) == 40
     assert "SYS_RESOURCE" not in names
     assert {"SYS_ADMIN", "SETPCAP", "SYS_NICE", "SYS_TIME"} <= set(names)
@@ -102,7 +102,7 @@ def test_a_mask_missing_one_bit_misses_exactly_that_name() -> None:
 
 @pytest.mark.req("R-OPS-2")
 def test_bits_beyond_the_known_capabilities_are_ignored() -> None:
-    assert doctor._cap_names(f"{(1 << 41) | (1 << 63) | (1 << 21):016x}") == ["SYS_ADMIN"]
+    assert doctor.cap_names(f"{(1 << 41) | (1 << 63) | (1 << 21):016x}") == ["SYS_ADMIN"]
 
 
 # --- render --------------------------------------------------------------------------------
