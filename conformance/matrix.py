@@ -244,9 +244,10 @@ def current_env_cell(environ: Mapping[str, str], platform: str) -> Cell:
         backend = "unshare"
     else:
         backend = "none"
+    here = "host" if platform == "all" or "," in platform else platform
     return Cell(
-        id=f"{'host' if platform == 'all' else platform}/current-env/{backend}",
-        platform="host" if platform == "all" else platform,
+        id=f"{here}/current-env/{backend}",
+        platform=here,
         backend=backend,
         env=env,
         kind="table",

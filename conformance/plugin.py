@@ -33,7 +33,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--platform",
         default="all",
-        help="platform whose cells to run (a name from matrix.yaml platforms, or all; default all)",
+        help="platforms whose cells to run: names from matrix.yaml, comma-separated, or all "
+        "(default)",
     )
     group.addoption(
         "--matrix",
@@ -106,11 +107,18 @@ def matrix_of(config: pytest.Config) -> Matrix:
 
 def selected_cells(config: pytest.Config) -> list[Cell]:
     backend = config.getoption("backend")
-    platform = config.getoption("platform")
+    platforms = set(config.getoption("platform").split(","))
+    matrix = matrix_of(config)
+    unknown = platforms - set(matrix.platforms) - {"all"}
+    if unknown:
+        raise pytest.UsageError(
+            f"--platform {','.join(sorted(unknown))}: not in {matrix.path} "
+            f"(known: {', '.join(sorted(matrix.platforms))}, or all)"
+        )
     return [
         cell
-        for cell in matrix_of(config).cells
-        if backend in ("all", cell.backend) and platform in ("all", cell.platform)
+        for cell in matrix.cells
+        if backend in ("all", cell.backend) and ("all" in platforms or cell.platform in platforms)
     ]
 
 
