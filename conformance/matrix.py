@@ -66,6 +66,7 @@ class Cell:
     overrides: dict[str, Override] = field(default_factory=dict)
     startup_log: tuple[str, ...] = ()
     job: str = ""  # job_exit: the script of fixtures/jobs/ to run
+    finding: str = ""  # where the whole cell contradicts the page: what was measured
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ def _cell(
         overrides=overrides,
         startup_log=tuple(spec.get("startup_log", ())),
         job=str(spec.get("job", "")),
+        finding=str(spec.get("finding", "")),
     )
 
 

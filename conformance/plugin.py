@@ -18,6 +18,7 @@ from conformance.audit import AuditCollector
 from conformance.harness import CellSession
 from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, current_env_cell, load
 from conformance.platforms import driver_of, finish, open_platform, prepare, unavailable
+from conformance.platforms.session import start_session
 
 MATRIX_KEY = pytest.StashKey[Matrix]()
 
@@ -64,6 +65,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "req(*ids): SPEC.md requirement IDs this test covers")
     config.addinivalue_line("markers", "cell_kind(kind): the kind of matrix cell a test checks")
+    if not hasattr(config, "workerinput"):
+        start_session()  # before xdist starts workers, which inherit it
     out = config.getoption("audit_report", None)
     if out is not None and not hasattr(config, "workerinput"):  # the xdist controller writes
         if not config.option.xmlpath:

@@ -87,20 +87,18 @@ def unavailable(name: str, options: dict[str, Any]) -> str | None:
 
 
 def prepare(drivers: set[str]) -> None:
-    """Once per run, before any cell: reap leftovers of earlier runs, build what cells need."""
+    """Once per run, on the controller: reap containers that dead sessions left behind."""
     if "docker" in drivers:
-        from conformance.image import worker_image
-        from conformance.platforms.docker import engine_problem, reap_leftovers
+        from conformance.platforms.docker import engine_problem, reap
 
         if engine_problem() is None:
-            reap_leftovers()
-            worker_image()
+            reap(dead_only=True)
 
 
 def finish(drivers: set[str]) -> None:
-    """After the run, even an interrupted one: no container outlives it."""
+    """After the run, even an interrupted one: none of this session's containers outlives it."""
     if "docker" in drivers:
-        from conformance.platforms.docker import engine_problem, reap_leftovers
+        from conformance.platforms.docker import engine_problem, reap
 
         if engine_problem() is None:
-            reap_leftovers()
+            reap(dead_only=False)

@@ -14,7 +14,6 @@ from the request and recorded in the platform's facts.
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,11 @@ import docker
 from conformance.canaries import Canaries
 from conformance.image import worker_image
 from conformance.platforms.host import survivors
+from conformance.platforms.session import alive, session
 from runtime.doctor import CAPS, cap_names
 
 ENGINE_UNKNOWN = {"PERFMON", "BPF", "CHECKPOINT_RESTORE"}  # newer than Debian's docker.io
 SESSION_LABEL = "orvanta.session"
-SESSION = f"{os.getpid()}"
 LISTENER_PORT = 47047
 LISTENER = """
 import socket, sys
@@ -80,7 +79,7 @@ class DockerPlatform:
             host_config["MaskedPaths"] = []
             host_config["ReadonlyPaths"] = []
         created = api.create_container(
-            worker_image(), host_config=host_config, labels={SESSION_LABEL: SESSION}
+            worker_image(), host_config=host_config, labels={SESSION_LABEL: session()}
         )
         self.container_id = str(created["Id"])
         try:
@@ -165,13 +164,26 @@ def engine_problem() -> str | None:
     return None
 
 
-def reap_leftovers() -> None:
-    """Remove containers of earlier sessions that did not end cleanly (Ctrl-C, kill -9)."""
-    found = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label={SESSION_LABEL}"],
+def reap(dead_only: bool) -> None:
+    """Remove this session's containers, or (dead_only) those of sessions no longer running."""
+    listing = subprocess.run(
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            f"label={SESSION_LABEL}",
+            "--format",
+            f'{{{{.ID}}}} {{{{.Label "{SESSION_LABEL}"}}}}',
+        ],
         capture_output=True,
         text=True,
         check=False,
-    ).stdout.split()
-    if found:
-        subprocess.run(["docker", "rm", "-f", *found], capture_output=True, check=False)
+    ).stdout.split("\n")
+    doomed = []
+    for line in filter(None, listing):
+        container, _, owner = line.partition(" ")
+        if (not dead_only and owner == session()) or (dead_only and not alive(owner)):
+            doomed.append(container)
+    if doomed:
+        subprocess.run(["docker", "rm", "-f", *doomed], capture_output=True, check=False)

@@ -33,6 +33,7 @@ def render(report: dict[str, Any]) -> str:
         f"<p>Generated {escape(report['generated'])} on "
         f"{escape(str(report['host'].get('hostname')))}</p>",
         _table(report),
+        _findings(report),
         _deviations(report),
         _failures(report),
         _cells(report),
@@ -88,6 +89,16 @@ def _deviations(report: dict[str, Any]) -> str:
         "<th>probe</th><th>property</th><th>expected</th><th>measured</th><th>kind</th>"
         f"<th>reason</th><th>evidence</th></tr>{''.join(rows)}</table>"
     )
+
+
+def _findings(report: dict[str, Any]) -> str:
+    if not report["findings"]:
+        return ""
+    items = "".join(
+        f"<li class='finding'><b>{escape(f['cell'])}</b>: {escape(f['finding'])}</li>"
+        for f in report["findings"]
+    )
+    return f"<h2>Findings: the page vs this platform</h2><ul id='findings'>{items}</ul>"
 
 
 def _failures(report: dict[str, Any]) -> str:

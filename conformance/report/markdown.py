@@ -42,6 +42,9 @@ def render(report: dict[str, Any]) -> str:
                 f"{d['measured']} | "
                 f"{o['kind']} | {o['reason'][:160]} |"
             )
+    if report["findings"]:
+        lines += ["", "### Findings: the page vs this platform", ""]
+        lines += [f"- **{f['cell']}**: {f['finding']}" for f in report["findings"]]
     uncovered = [c["req"] for c in report["coverage"] if c["status"] == "uncovered"]
     covered = len(report["coverage"]) - len(uncovered)
     lines += [

@@ -64,10 +64,16 @@ def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dic
             "cells": len(cells),
             "probe_runs": sum(len(c["probes"]) for c in cells),
             "deviations": len(deviations),
+            "findings": sum(1 for c in matrix.cells if c.finding),
         },
         "table": _table(matrix, cells),
         "cells": cells,
         "deviations": deviations,
+        "findings": [
+            {"cell": c.id, "finding": c.finding}
+            for c in matrix.cells
+            if c.finding and any(cell["id"] == c.id for cell in cells)
+        ],
         "failures": [{"test": t.nodeid, "message": mask(t.message)[:2000]} for t in failed],
         "coverage": _coverage(tests),
     }
@@ -109,13 +115,14 @@ def _cells(matrix: Matrix, tests: list[TestRecord]) -> list[dict[str, Any]]:
 
 def _table(matrix: Matrix, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The page's table: per backend, the reference cell (the current environment's cell,
-    else the first table cell without overrides)."""
+    else the table cell with the fewest overrides, in matrix order)."""
     reference: dict[str, dict[str, Any]] = {}
-    overridden = {c.id for c in matrix.cells if c.overrides or c.annotate}
+    # the least special cell stands for its backend: fewest overrides, no annotation
+    weight = {c.id: len(c.overrides) + (100 if c.annotate else 0) for c in matrix.cells}
     # the worker as this environment configures it (orvanta audit) comes first
-    ordered = sorted(cells, key=lambda c: "/current-env/" not in c["id"])
+    ordered = sorted(cells, key=lambda c: ("/current-env/" not in c["id"], weight[c["id"]]))
     for cell in ordered:
-        if cell["kind"] == "table" and cell["probes"] and cell["id"] not in overridden:
+        if cell["kind"] == "table" and cell["probes"]:
             reference.setdefault(cell["backend"], cell)
     rows = []
     for name, row in matrix.table.items():
