@@ -92,10 +92,6 @@ class JobCgroup:
                     log.debug("no %s group for job %s: %s", controller, job_id, exc)
         return cls(path, v2, parents)
 
-    @property
-    def procs_file(self) -> str:
-        return str(self.path / "cgroup.procs")
-
     def pids(self) -> list[int]:
         try:
             text = (self.path / "cgroup.procs").read_text()

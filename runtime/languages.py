@@ -10,7 +10,6 @@ from dataclasses import dataclass
 class Language:
     name: str
     filename: str
-    comment: str  # the line-comment prefix that may carry annotations
 
     def argv(self, script_path: str, python_path: str) -> list[str]:
         """The command that runs the script, as seen from inside the job's view."""
@@ -20,8 +19,8 @@ class Language:
 
 
 LANGUAGES = {
-    "python3": Language("python3", "main.py", "#"),
-    "bash": Language("bash", "main.sh", "#"),
+    "python3": Language("python3", "main.py"),
+    "bash": Language("bash", "main.sh"),
 }
 
 

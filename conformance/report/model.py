@@ -20,7 +20,6 @@ from conformance.canaries import Canaries
 from conformance.matrix import Matrix
 
 SCHEMA_ID = "orvanta-audit/1"
-WORDS = {"blocked": "protected", "exposed": "not protected"}
 
 
 @dataclass
