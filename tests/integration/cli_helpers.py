@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from conformance.platforms.host import survivors
+
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("none", "unshare", "nsjail")
 BACKEND_ENV: dict[str, dict[str, str]] = {
@@ -89,19 +91,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def processes_with(marker: str) -> list[int]:
     """Host pids whose command line contains `marker` (all namespaces: this is the host /proc)."""
-    found = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if needle in cmdline:
-            found.append(int(entry))
-    return found
+    return [int(line.split(":", 1)[0]) for line in survivors(marker)]
 
 
 def children_of(pids: list[int]) -> list[int]:
