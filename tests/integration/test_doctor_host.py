@@ -174,7 +174,12 @@ def test_doctor_fails_unshare_with_the_page_solutions_when_it_is_enabled(
     detail = report.detail("unshare")
     assert detail.startswith("flags --user --map-root-user --pid --fork --mount-proc: "), report
     assert detail.endswith("(ENABLE_UNSHARE_PID=true)"), report
-    assert report.fixes("unshare") == UNSHARE_SOLUTIONS, report
+    fixes = report.fixes("unshare")
+    assert fixes[0].startswith("User namespaces cannot be created here: fix that first"), report
+    assert fixes[1:] == UNSHARE_SOLUTIONS, report  # then the page's own list
+    assert report.fixes("nsjail")[0].startswith(
+        "User namespaces cannot be created here: set DISABLE_NUSER=true"
+    ), report
     assert report.tag("user.max_user_namespaces") == "FAIL"
     assert report.counts[2] == 3, report
     assert report.lines[-1].endswith(", 3 failures")
