@@ -1,6 +1,6 @@
 """The isolation-comparison table, asserted cell by cell and probe by probe (matrix.yaml).
 
-Four functions cover every cell kind; cells and probes are data.
+Five functions cover every kind of check; cells and probes are data.
 """
 
 from __future__ import annotations
