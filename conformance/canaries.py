@@ -1,8 +1,10 @@
 """The secrets a worker under test holds, which a leak would reveal.
 
 One random secret, planted where the page says a job must not reach it: the
-worker's environment (DATABASE_URL, hence also its memory), a file outside the
-job dir, an fd the worker keeps open on that file, and a loopback TCP listener.
+worker's environment (a SUPERADMIN_SECRET token beside its DATABASE_URL, hence
+also its memory), a file outside the job dir, an fd the worker keeps open on
+that file, and a loopback TCP listener. On agent cells the secret is the
+password in the server's PostgreSQL DATABASE_URL, which the agent never holds.
 Probes look for the public marker; reports mask the random part.
 """
 
@@ -45,9 +47,12 @@ class Canaries:
         os.set_inheritable(canaries.fd, True)
         return canaries
 
-    @property
-    def database_url(self) -> str:
-        return f"postgresql://orvanta:{self.secret}@127.0.0.1:5432/orvanta"
+    def worker_env(self, state_dir: Path) -> dict[str, str]:
+        """The worker's credentials: its real queue and a secret token it holds."""
+        return {
+            "DATABASE_URL": f"sqlite:///{state_dir}/queue.sqlite3",
+            "SUPERADMIN_SECRET": self.secret,
+        }
 
     def listen(self) -> int:
         """A loopback listener in this network namespace that hands out the marker."""

@@ -166,7 +166,7 @@ class CellSession:
                 if k in self.matrix.limits
             }
         )
-        env["DATABASE_URL"] = self.canaries.database_url
+        env.update(self.canaries.worker_env(self.state_dir))
         env["ORVANTA_STATE_DIR"] = str(self.state_dir)
         env["ORVANTA_JOB_TIMEOUT"] = str(int(PROBE_TIMEOUT))
         return env

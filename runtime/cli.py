@@ -14,11 +14,16 @@ import uuid
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.executor import JobResult, JobSpec
 from runtime.languages import LANGUAGES, UnknownLanguageError, guess_language
 from runtime.settings import Settings, SettingsError
 from runtime.startup import StartupError
+
+if TYPE_CHECKING:
+    from runtime.agent import AgentClient
+    from runtime.queue import JobQueue
 
 log = logging.getLogger("orvanta")
 
@@ -74,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--timeout", type=float, default=None, help="seconds (default: worker's)")
         p.add_argument("--json", action="store_true", help="print the result record as JSON")
+        p.add_argument("--workspace", default="default", help="whose volumes the job may mount")
         if name == "submit":
+            p.add_argument("--tag", default="default", help="route to workers serving this tag")
             p.add_argument("--wait", action="store_true", help="wait for the result")
             p.add_argument("--wait-timeout", type=float, default=600.0)
         p.set_defaults(func=func)
@@ -90,6 +97,19 @@ def _parser() -> argparse.ArgumentParser:
     setting.add_argument("value", nargs="?", help="nsjail_sandboxing, none, or --unset")
     setting.add_argument("--unset", action="store_true")
     setting.set_defaults(func=cmd_settings)
+
+    server = sub.add_parser(
+        "server", help="serve the HTTP API (jobs, worker groups, settings, agent workers)"
+    )
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    server.add_argument("--port", type=int, default=8000)
+    server.set_defaults(func=cmd_server)
+
+    groups = sub.add_parser("groups", help="list worker groups or create one (prints its token)")
+    groups.add_argument("action", choices=("list", "create", "rotate", "delete"))
+    groups.add_argument("name", nargs="?", help="the group (create, rotate, delete)")
+    groups.add_argument("--tags", default="", help="comma-separated tags the group serves")
+    groups.set_defaults(func=cmd_groups)
 
     doctor = sub.add_parser("doctor", help="check this host for what isolation needs")
     doctor.set_defaults(func=cmd_doctor)
@@ -120,14 +140,93 @@ def _job(args: argparse.Namespace) -> tuple[str, str, dict[str, str]]:
     return lang, script, env
 
 
-def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+def _queue(settings: Settings) -> JobQueue:
+    """The queue DATABASE_URL names (SQLite in ORVANTA_STATE_DIR without one)."""
+    from runtime.database import DatabaseURLError
     from runtime.queue import JobQueue
-    from runtime.worker import Worker, start
+
+    try:
+        return JobQueue.open(settings.database_url, settings.state_dir)
+    except (DatabaseURLError, ConnectionError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.worker import JobSource, Worker, start
 
     runner = start(settings)
-    worker = Worker(runner, JobQueue.in_state_dir(settings.state_dir), args.name)
+    source: JobSource
+    tags = settings.worker_tags
+    if settings.mode == "agent":
+        source, tags = _agent(settings)
+    else:
+        source = _queue(settings)
+    worker = Worker(runner, source, args.name)
+    worker.tags = tags
     worker.install_signal_handlers()
     worker.serve(args.max_jobs)
+    return 0
+
+
+def _agent(settings: Settings) -> tuple[AgentClient, tuple[str, ...]]:
+    """The agent's API client, after the server accepted its token (fail fast otherwise)."""
+    from runtime.agent import AgentAPIError, AgentClient
+
+    assert settings.server_url and settings.agent_token  # Settings checked MODE=agent
+    client = AgentClient(settings.server_url, settings.agent_token)
+    try:
+        who = client.whoami()
+    except AgentAPIError as exc:
+        raise StartupError(
+            f"agent: the server at {settings.server_url} refused ORVANTA_AGENT_TOKEN ({exc}); "
+            f"issue a token with: orvanta groups create NAME --tags TAGS"
+        ) from None
+    except OSError as exc:
+        raise StartupError(
+            f"agent: cannot reach ORVANTA_SERVER_URL={settings.server_url} ({exc}); "
+            f"start it with: orvanta server"
+        ) from None
+    log.info("agent: worker group %s serving tags %s", who["name"], ",".join(who["tags"]))
+    return client, tuple(who["tags"])
+
+
+def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from runtime.server import serve
+
+    token = os.environ.get("ORVANTA_ADMIN_TOKEN", "")
+    if len(token) < 16:
+        raise SettingsError(
+            "ORVANTA_ADMIN_TOKEN",
+            "***" if token else "",
+            "a secret of at least 16 characters",
+            "The server needs it to authenticate admins; generate one with: openssl rand -hex 24",
+        )
+    serve(_queue(settings), token, args.host, args.port)
+    return 0
+
+
+def cmd_groups(args: argparse.Namespace, settings: Settings) -> int:
+    queue = _queue(settings)
+    if args.action == "list":
+        for group in queue.groups():
+            print(f"{group.name}\t{','.join(group.tags)}")
+        return 0
+    if not args.name:
+        raise SystemExit(f"orvanta: groups {args.action} needs a group name")
+    try:
+        if args.action == "create":
+            tags = tuple(t for t in args.tags.replace(",", " ").split())
+            if not tags:
+                raise SystemExit("orvanta: groups create needs --tags (the tags it serves)")
+            print(queue.create_group(args.name, tags))
+        elif args.action == "rotate":
+            print(queue.rotate_group_token(args.name))
+        else:
+            queue.delete_group(args.name)
+    except (KeyError, ValueError) as exc:
+        raise SystemExit(f"orvanta: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
     return 0
 
 
@@ -136,16 +235,21 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     lang, script, env = _job(args)
     runner = start(settings)
-    result = runner.run(JobSpec(uuid.uuid4().hex[:16], lang, script, env, args.timeout))
+    spec = JobSpec(uuid.uuid4().hex[:16], lang, script, env, args.timeout, args.workspace)
+    result = runner.run(spec)
     return _report(result, args.json)
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
-    from runtime.queue import JobQueue
-
     lang, script, env = _job(args)
-    queue = JobQueue.in_state_dir(settings.state_dir)
-    job_id = queue.submit(lang, script, env, args.timeout)
+    queue = _queue(settings)
+    try:
+        job_id = queue.submit(lang, script, env, args.timeout, args.tag, args.workspace)
+    except ValueError as exc:
+        raise SystemExit(f"orvanta: {exc}") from None
+    waiting = queue.waiting_reason(args.tag)
+    if waiting:
+        log.warning("job %s: %s", job_id, waiting)
     if not args.wait:
         print(job_id)
         return 0
@@ -155,10 +259,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
-    from runtime.queue import JobQueue
-
     try:
-        outcome = JobQueue.in_state_dir(settings.state_dir).cancel(args.job_id)
+        outcome = _queue(settings).cancel(args.job_id)
     except KeyError as exc:
         raise SystemExit(f"orvanta: {exc.args[0]}") from None
     print(f"{args.job_id}: {outcome}")
@@ -166,10 +268,9 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
-    from runtime.queue import JobQueue
     from runtime.settings import JOB_ISOLATION_VALUES
 
-    queue = JobQueue.in_state_dir(settings.state_dir)
+    queue = _queue(settings)
     if args.unset:
         queue.set_setting(args.key, None)
     elif args.value is not None:

@@ -18,12 +18,13 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runtime import reaper
 from runtime.backends import PreparedJob, make_backend
 from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
-from runtime.languages import language, wants_sandbox
+from runtime.languages import VOLUME_NAME, language, volume_annotations, wants_sandbox
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities
@@ -42,6 +43,7 @@ class JobSpec:
     script: str
     env: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
+    workspace: str = "default"  # whose persistent volumes the job may mount (R-ANN-4)
 
 
 @dataclass
@@ -99,7 +101,8 @@ class JobRunner:
         annotated = wants_sandbox(spec.script)
         try:
             decision = select_isolation(settings, self.caps, annotated)
-        except IsolationUnavailableError as exc:
+            volumes = self._volumes(spec)
+        except (IsolationUnavailableError, ValueError) as exc:
             job_log.append(f"error: {exc}")
             log.error("job %s refused: %s", spec.id, exc)
             return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
@@ -119,9 +122,17 @@ class JobRunner:
         nsjail_parent = (
             job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
         )
-        job = PreparedJob(spec.id, lang, root / "job", root / "control", timeout, nsjail_parent)
+        job = PreparedJob(
+            spec.id, lang, root / "job", root / "control", timeout, nsjail_parent, volumes
+        )
         job.job_dir.mkdir(parents=True)
         (job.job_dir / lang.filename).write_text(spec.script)
+        for host_dir, name in volumes:
+            if decision.backend == "nsjail":
+                (job.job_dir / name).mkdir()  # the mount point; nsjail binds the volume on it
+            else:
+                (job.job_dir / name).symlink_to(host_dir)  # no isolation: a link is as good
+            job_log.append(f"volume: {host_dir.name} at ./{name}")
         try:
             env = _job_env(spec, backend.inner_dir(job))
             outcome = self._execute(backend.argv(job), job, env, cgroup, cancel)
@@ -141,6 +152,20 @@ class JobRunner:
         return JobResult(
             spec.id, decision.backend, status, exit_code, duration, stdout, stderr, job_log
         )
+
+    def _volumes(self, spec: JobSpec) -> tuple[tuple[Path, str], ...]:
+        """The workspace's volumes the script header names, created on first use (R-ANN-4)."""
+        requests = volume_annotations(spec.script)
+        if not requests:
+            return ()
+        if not VOLUME_NAME.match(spec.workspace) or ".." in spec.workspace:
+            raise ValueError(f"workspace {spec.workspace!r} is not a valid name for volumes")
+        volumes = []
+        for request in requests:
+            host_dir = self.settings.state_dir / "volumes" / spec.workspace / request.name
+            host_dir.mkdir(parents=True, exist_ok=True)
+            volumes.append((host_dir, request.target))
+        return tuple(volumes)
 
     def _execute(
         self,

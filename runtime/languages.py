@@ -46,6 +46,8 @@ def guess_language(filename: str) -> str:
 
 
 _SANDBOX = re.compile(r"^(#|//)\s?sandbox\s*$")
+_VOLUME = re.compile(r"^(?:#|//)\s?volume:\s*(?P<spec>.*)$")
+VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def header_lines(script: str) -> list[str]:
@@ -65,3 +67,40 @@ def header_lines(script: str) -> list[str]:
 def wants_sandbox(script: str) -> bool:
     """`#sandbox`, `# sandbox` (Python, Bash) or `// sandbox` (TS/JS) in the header."""
     return any(_SANDBOX.match(line) for line in header_lines(script))
+
+
+@dataclass(frozen=True)
+class VolumeRequest:
+    """`# volume: NAME [TARGET]`: the workspace's volume NAME at ./TARGET in the job dir."""
+
+    name: str
+    target: str
+
+
+class VolumeAnnotationError(ValueError):
+    def __init__(self, line: str, what: str, value: str) -> None:
+        super().__init__(
+            f"volume annotation {line!r}: {what} {value!r} is not valid: use 1-63 letters, "
+            f"digits, '_', '.' or '-' (a name, not a path); e.g. '# volume: cache data'"
+        )
+
+
+def volume_annotations(script: str) -> list[VolumeRequest]:
+    """The persistent volumes a script's header asks for (R-ANN-4); names only, never paths."""
+    volumes: list[VolumeRequest] = []
+    for line in header_lines(script):
+        match = _VOLUME.match(line)
+        if match is None:
+            continue
+        parts = match["spec"].split()
+        if not parts or len(parts) > 2:
+            raise VolumeAnnotationError(line, "specification", match["spec"])
+        name, target = parts[0], parts[-1]
+        for what, value in (("name", name), ("target", target)):
+            if not VOLUME_NAME.match(value) or ".." in value:
+                raise VolumeAnnotationError(line, what, value)
+        volumes.append(VolumeRequest(name, target))
+    targets = [v.target for v in volumes]
+    if len(set(targets)) != len(targets):
+        raise VolumeAnnotationError(", ".join(targets), "targets", "(the same target twice)")
+    return volumes

@@ -16,6 +16,7 @@ from pathlib import Path
 DEFAULT_UNSHARE_FLAGS = ("--user", "--map-root-user", "--pid", "--fork", "--mount-proc")
 JOB_ISOLATION_VALUES = ("none", "nsjail_sandboxing")
 NSJAIL_NETWORK_VALUES = ("isolated", "shared")
+MODE_VALUES = ("worker", "agent")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -59,6 +60,11 @@ class Settings:
     output_limit: int = 1 << 20
     lease_seconds: float = 30.0
     limits: JobLimits = field(default_factory=JobLimits)
+    mode: str = "worker"  # worker: the queue database; agent: the server's API only (R-AGT-1)
+    database_url: str | None = field(default=None, repr=False)
+    server_url: str | None = None
+    agent_token: str | None = field(default=None, repr=False)
+    worker_tags: tuple[str, ...] = ("default",)
 
     @property
     def force_nsjail(self) -> bool:
@@ -98,7 +104,21 @@ class Settings:
             cpu_seconds=_int(env, "ORVANTA_JOB_CPU_SECONDS", JobLimits.cpu_seconds),
             file_size_mb=_int(env, "ORVANTA_JOB_FILE_SIZE_MB", JobLimits.file_size_mb),
         )
+        mode = env.get("MODE") or "worker"
+        if mode not in MODE_VALUES:
+            raise SettingsError("MODE", mode, ", ".join(MODE_VALUES))
+        database_url = env.get("DATABASE_URL") or None
+        server_url = env.get("ORVANTA_SERVER_URL") or None
+        agent_token = env.get("ORVANTA_AGENT_TOKEN") or None
+        if mode == "agent":
+            _check_agent(database_url, server_url, agent_token)
+        tags = tuple(t for t in (env.get("WORKER_TAGS") or "default").replace(",", " ").split())
         return cls(
+            mode=mode,
+            database_url=database_url,
+            server_url=server_url,
+            agent_token=agent_token,
+            worker_tags=tags,
             enable_unshare_pid=enable_unshare,
             unshare_flags=flags,
             tini_path=env.get("UNSHARE_TINI_PATH") or "tini",
@@ -113,6 +133,32 @@ class Settings:
             output_limit=_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
             lease_seconds=float(_int(env, "ORVANTA_LEASE_SECONDS", 30)),
             limits=limits,
+        )
+
+
+def _check_agent(database_url: str | None, server_url: str | None, token: str | None) -> None:
+    """An agent holds no database credentials and reaches the queue only through the API."""
+    if database_url:
+        raise SettingsError(
+            "DATABASE_URL",
+            "***",
+            "unset when MODE=agent",
+            "An agent worker must hold no database credentials (R-AGT-1): remove DATABASE_URL "
+            "and give ORVANTA_SERVER_URL and ORVANTA_AGENT_TOKEN instead.",
+        )
+    if not server_url or not server_url.startswith(("http://", "https://")):
+        raise SettingsError(
+            "ORVANTA_SERVER_URL",
+            server_url or "",
+            "the server's base URL, http://HOST:PORT or https://...",
+            "MODE=agent pulls jobs only through the server's API.",
+        )
+    if not token:
+        raise SettingsError(
+            "ORVANTA_AGENT_TOKEN",
+            "",
+            "the worker group's token (orvanta groups create NAME --tags ...)",
+            "MODE=agent authenticates with its group's token.",
         )
 
 

@@ -15,10 +15,10 @@ import threading
 import time
 from dataclasses import replace
 from types import FrameType
+from typing import Protocol
 
 from runtime import cgroups
 from runtime.executor import Cancellation, JobResult, JobRunner, JobSpec
-from runtime.queue import JobQueue
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import JOB_ISOLATION_VALUES, Settings
 from runtime.startup import HostCapabilities, probe_host
@@ -28,6 +28,27 @@ log = logging.getLogger("orvanta.worker")
 WORKER_OOM_SCORE_ADJ = -900
 IDLE_POLL_SECONDS = 0.02
 CANCEL_POLL_SECONDS = 0.25
+HEARTBEAT_SECONDS = 2.0
+
+
+class JobSource(Protocol):
+    """Where a worker's jobs come from: the queue database (MODE=worker) or the API (agent)."""
+
+    path: str
+
+    def claim(self, worker: str, lease: float, tags: tuple[str, ...]) -> JobSpec | None: ...
+
+    def renew(self, job_id: str, worker: str, lease: float) -> bool: ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    def complete(self, result: JobResult, worker: str) -> bool: ...
+
+    def setting(self, key: str) -> str | None: ...
+
+    def heartbeat(
+        self, worker: str, mode: str, tags: tuple[str, ...], group: str | None
+    ) -> None: ...
 
 
 def start(settings: Settings) -> JobRunner:
@@ -102,7 +123,7 @@ def protect_from_oom() -> None:
 class Worker:
     """Pulls jobs from the queue one at a time until told to stop."""
 
-    def __init__(self, runner: JobRunner, queue: JobQueue, name: str | None = None) -> None:
+    def __init__(self, runner: JobRunner, queue: JobSource, name: str | None = None) -> None:
         self.runner = runner
         self.queue = queue
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -110,6 +131,8 @@ class Worker:
         self.lease = runner.settings.lease_seconds
         self._active = runner.settings.job_isolation
         self._rejected: str | None = None
+        self.tags = runner.settings.worker_tags
+        self._beat = 0.0
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -128,13 +151,18 @@ class Worker:
         done = 0
         log.info("worker %s: pulling jobs from %s", self.name, self.queue.path)
         while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
-            spec = self.queue.claim(self.name, self.lease)
+            self._heartbeat()
+            try:
+                spec = self.queue.claim(self.name, self.lease, self.tags)
+            except Exception as exc:  # the database or server is away: wait, never crash
+                log.error("worker %s: cannot claim a job (%s); retrying in 1s", self.name, exc)
+                self.stopping.wait(1.0)
+                continue
             if spec is None:
                 self.stopping.wait(IDLE_POLL_SECONDS)
                 continue
             result = self._run_with_lease(spec, self._current_settings())
-            if not self.queue.complete(result, self.name):
-                log.warning("job %s: lease lost before completion; result dropped", spec.id)
+            self._complete(result)
             log.info(
                 "job %s: %s exit=%s isolation=%s in %.3fs",
                 result.job_id,
@@ -145,6 +173,40 @@ class Worker:
             )
             done += 1
         return done
+
+    def _heartbeat(self) -> None:
+        """Tell the queue which tags this worker serves, so unserved tags are reported."""
+        if time.monotonic() - self._beat < HEARTBEAT_SECONDS:
+            return
+        self._beat = time.monotonic()
+        try:
+            self.queue.heartbeat(self.name, self.runner.settings.mode, self.tags, None)
+        except Exception as exc:
+            log.warning("worker %s: heartbeat failed: %s", self.name, exc)
+
+    def _complete(self, result: JobResult) -> None:
+        """Record the result; retried while the queue is away and the lease may still hold."""
+        end = time.monotonic() + self.lease
+        while True:
+            try:
+                if not self.queue.complete(result, self.name):
+                    log.warning(
+                        "job %s: lease lost before completion; result dropped", result.job_id
+                    )
+                return
+            except Exception as exc:
+                if time.monotonic() > end:
+                    log.error(
+                        "job %s: cannot record the result (%s); the job runs again elsewhere "
+                        "once its lease expires",
+                        result.job_id,
+                        exc,
+                    )
+                    return
+                log.warning(
+                    "job %s: cannot record the result yet (%s); retrying", result.job_id, exc
+                )
+                time.sleep(0.5)
 
     def _current_settings(self) -> Settings:
         """The worker's settings with the live job_isolation instance setting (R-SEL-7).
@@ -199,11 +261,14 @@ class Worker:
         def keep_lease() -> None:
             renewed = time.monotonic()
             while not finished.wait(CANCEL_POLL_SECONDS):
-                if self.queue.cancel_requested(spec.id):
-                    cancel.set()
-                if time.monotonic() - renewed > self.lease / 3:
-                    self.queue.renew(spec.id, self.name, self.lease)
-                    renewed = time.monotonic()
+                try:
+                    if self.queue.cancel_requested(spec.id):
+                        cancel.set()
+                    if time.monotonic() - renewed > self.lease / 3:
+                        self.queue.renew(spec.id, self.name, self.lease)
+                        renewed = time.monotonic()
+                except Exception as exc:  # keep the job running; the lease may still hold
+                    log.warning("job %s: cannot reach the queue to renew: %s", spec.id, exc)
 
         keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)
         keeper.start()

@@ -26,6 +26,7 @@ class PreparedJob:
     control_dir: Path  # beside job_dir, never visible to the job (configs, logs)
     timeout: float
     cgroup_parent: str | None = "orvanta"  # where nsjail makes its cgroups; None: no cgroups
+    volumes: tuple[tuple[Path, str], ...] = ()  # (host dir, name inside the job dir), R-ANN-4
 
 
 class Backend(Protocol):

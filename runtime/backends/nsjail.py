@@ -32,6 +32,7 @@ def render_config(
     job_dir: Path,
     timeout: float,
     cgroup_parent: str | None = cgroups.PARENT,
+    volumes: tuple[tuple[Path, str], ...] = (),
 ) -> str:
     """The nsjail config for one job; every placeholder must be filled (KeyError otherwise)."""
     limits = settings.limits
@@ -57,6 +58,11 @@ def render_config(
         tmpfs_mb=limits.file_size_mb,
         cgroup_limits=_cgroup_limits(settings, cgroup_parent),
         interpreter_mounts=_interpreter_mounts(settings.python_path),
+        # a volume is the one host directory a job may write that outlives it (R-ANN-4)
+        volume_mounts="\n".join(
+            f'mount {{ src: "{host}" dst: "{INNER_DIR}/{name}" is_bind: true rw: true }}'
+            for host, name in volumes
+        ),
     )
 
 
@@ -123,7 +129,12 @@ class Nsjail:
         config = job.control_dir / "nsjail.cfg"
         config.write_text(
             render_config(
-                job.language.name, self.settings, job.job_dir, job.timeout, job.cgroup_parent
+                job.language.name,
+                self.settings,
+                job.job_dir,
+                job.timeout,
+                job.cgroup_parent,
+                job.volumes,
             )
         )
         script = f"{INNER_DIR}/{job.language.filename}"

@@ -1,8 +1,8 @@
 """Fixtures for driving the real CLI (`python -m runtime.cli`) on this host.
 
 Every run gets a fresh ORVANTA_STATE_DIR under tmp_path, a minimal environment built
-here (nothing of the test runner's own isolation variables leaks in) and a DATABASE_URL
-holding a random canary secret that no job may ever see.
+here (nothing of the test runner's own isolation variables leaks in), the real queue as
+DATABASE_URL and a SUPERADMIN_SECRET holding a random canary secret no job may ever see.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def base_env(state_dir: Path, canary: str) -> dict[str, str]:
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
         "LANG": "C.UTF-8",
         "ORVANTA_STATE_DIR": str(state_dir),
-        "DATABASE_URL": f"postgresql://orvanta:{canary}@127.0.0.1/orvanta",
+        "DATABASE_URL": f"sqlite:///{state_dir}/queue.sqlite3",
+        "SUPERADMIN_SECRET": canary,
         "ORVANTA_WORKER_TOKEN": f"token-{canary}",
     }
 

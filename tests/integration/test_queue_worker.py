@@ -93,8 +93,9 @@ def wait_status(queue: JobQueue, job_id: str, status: str, timeout: float = 20) 
 
 
 def worker_of(queue: JobQueue, job_id: str) -> str:
-    row = queue.db.execute("SELECT worker FROM jobs WHERE id=?", (job_id,)).fetchone()
-    return str(row[0])
+    job = queue.get(job_id)
+    assert job is not None
+    return str(job.worker)
 
 
 @pytest.mark.req("R-JOB-3", "R-JOB-1", "R-JOB-5")
@@ -190,7 +191,7 @@ def test_cancel_a_queued_job_means_it_never_runs(
     job_id = submit(f"open({str(trace)!r}, 'w').write('ran')\n")
     proc = subprocess.run(
         cli_command("cancel", job_id),
-        env={"PATH": os.environ["PATH"], "ORVANTA_STATE_DIR": str(queue.path.parent)},
+        env={"PATH": os.environ["PATH"], "ORVANTA_STATE_DIR": str(Path(queue.path).parent)},
         capture_output=True,
         text=True,
         check=False,

@@ -1,0 +1,151 @@
+"""The two databases a queue can live in, behind one small interface.
+
+SQLite is the zero-set-up default (one file in ORVANTA_STATE_DIR, workers on one
+host). PostgreSQL (`DATABASE_URL=postgresql://...`) lets workers on many
+machines share one queue. The queue's SQL is written once with `?`
+placeholders; only claiming differs (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+Row = tuple[Any, ...]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+SQLITE_SCHEME = "sqlite:///"
+
+
+class DatabaseURLError(ValueError):
+    """DATABASE_URL names a database this runtime cannot use."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(
+            f"DATABASE_URL={redact(url)!r} is not valid; accepted: postgresql://USER:PASSWORD@HOST"
+            f"/DB, postgres://..., or sqlite:///ABSOLUTE/PATH. Leave it unset for the SQLite "
+            f"queue in ORVANTA_STATE_DIR."
+        )
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for logs and errors."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+class Database(Protocol):
+    kind: str  # sqlite | postgresql
+    display: str  # where it is, password redacted
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run one statement; the rows it returns (RETURNING included)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; how many rows it changed."""
+
+    def transaction(self) -> Any:
+        """A context manager holding one write transaction."""
+
+    def close(self) -> None: ...
+
+
+class SqliteDatabase:
+    kind = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.display = str(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).rowcount
+
+    def script(self, sql: str) -> None:
+        with self._lock:
+            self._db.executescript(sql)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class PostgresDatabase:
+    kind = "postgresql"
+
+    def __init__(self, url: str) -> None:
+        import psycopg  # only workers and servers that use PostgreSQL need it
+
+        self.display = redact(url)
+        self._lock = threading.RLock()
+        try:
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(
+                f"cannot connect to DATABASE_URL={self.display}: {str(exc).strip()}; check that "
+                f"PostgreSQL runs there and that the user, password and database exist"
+            ) from None
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._lock, self._db.cursor() as cur:
+            cur.execute(self._sql(sql), tuple(params))
+            return list(cur.fetchall()) if cur.description else []
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock, self._db.cursor() as cur:
+            cur.execute(self._sql(sql), tuple(params))
+            return cur.rowcount
+
+    def script(self, sql: str) -> None:
+        with self._lock:
+            for statement in filter(str.strip, sql.split(";")):
+                self._db.execute(statement)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock, self._db.transaction():
+            yield
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def connect(url: str | None, state_dir: Path) -> SqliteDatabase | PostgresDatabase:
+    """The queue database DATABASE_URL names, or the SQLite file in the state dir."""
+    if not url:
+        return SqliteDatabase(state_dir / "queue.sqlite3")
+    if url.startswith(POSTGRES_SCHEMES):
+        return PostgresDatabase(url)
+    if url.startswith(SQLITE_SCHEME) and len(url) > len(SQLITE_SCHEME):
+        return SqliteDatabase(Path("/" + url[len(SQLITE_SCHEME) :].lstrip("/")))
+    raise DatabaseURLError(url)
