@@ -24,7 +24,6 @@ from typing import Any
 
 from runtime.backends.nsjail import render_config
 from runtime.executor import JobRunner, JobSpec
-from runtime.queue import JobQueue
 from runtime.settings import Settings
 from runtime.startup import probe_host
 
@@ -157,6 +156,8 @@ def throughput(backend: str, jobs: int) -> dict[str, Any]:
     """Trivial Bash jobs/s through the queue for one `orvanta worker`, and the raw tool's rate."""
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
         env = {**os.environ, **BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp}
+        from runtime.queue import JobQueue  # not at import: `orvanta` loads this for every command
+
         queue = JobQueue.in_state_dir(Path(tmp))
         ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
         worker = subprocess.Popen(

@@ -8,8 +8,8 @@ jobs of its group's tags and report on jobs its group holds, nothing else
 that the database could not store (NUL, lone surrogates) is refused up front.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
+# and the dependency aliases below are local to create_app.
 import hmac
 import logging
 from collections.abc import Iterator
