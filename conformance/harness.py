@@ -3,10 +3,16 @@
 For a table cell two workers share the cell's queue: the first runs a
 long-lived "neighbour" job (the concurrently running job the page says others
 must not reach), the second runs the probes one by one.
+
+On a platform of `mode: agent` the workers are agents (R-AGT-1..3): a real
+`orvanta server` runs beside them over a throw-away PostgreSQL database whose
+password is the canary secret; the agents get only its URL and their group's
+token, and another group's job waits in the queue for agent_api to go after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -17,6 +23,7 @@ from typing import Any
 from conformance.canaries import Canaries
 from conformance.matrix import Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
+from conformance.service import Service, scratch_postgres
 from runtime.executor import JobResult
 from runtime.queue import JobQueue
 
@@ -81,10 +88,19 @@ class CellSession:
         self.queue: JobQueue | None = None
         self.neighbour_id: str | None = None
         self.exit_code: int | None = None  # set when the worker refused to start
+        self.agent = matrix.mode(cell) == "agent"
+        self.tag = "cell" if self.agent else "default"
+        self.service: Service | None = None
+        self.other_job = ""  # agent cells: another worker group's job, holding the secret
+        self._agent_env: dict[str, str] = {}
+        self._database_url: str | None = None
+        self._cleanup = contextlib.ExitStack()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.agent:
+            self._start_service()
         self.platform.start(self.root)
         self.platform.listen(self.canaries)
         first = self._spawn("worker-a")
@@ -98,9 +114,11 @@ class CellSession:
                 ) from exc
             return
         self._wait_ready(first)
-        self.queue = JobQueue.in_state_dir(self.state_dir)
+        self.queue = JobQueue.open(self._database_url, self.state_dir)
         if self.cell.kind == "table":
-            self.neighbour_id = self.queue.submit("python3", self._script(NEIGHBOUR), {}, 900)
+            self.neighbour_id = self.queue.submit(
+                "python3", self._script(NEIGHBOUR), {}, 900, tag=self.tag
+            )
             self._wait_running(self.neighbour_id)
             self._wait_ready(self._spawn("worker-b"))
 
@@ -119,15 +137,41 @@ class CellSession:
                 proc.wait()
         if self.queue is not None:
             self.queue.close()
+        self._cleanup.close()
         self.canaries.close()
+
+    def _start_service(self) -> None:
+        """The server agents talk to, its PostgreSQL password the canary secret."""
+        url = self._cleanup.enter_context(
+            scratch_postgres("orvanta_cell", password=self.canaries.secret)
+        )
+        self._database_url = url
+        self.service = Service.start(url, self.root / "server")
+        self._cleanup.callback(self.service.stop)
+        token = self.service.create_group("cell", [self.tag])
+        self.service.create_group("other", ["other"])
+        self.other_job = self.service.submit(
+            "print('another group')\n", env={"OTHER_SECRET": self.canaries.secret}, tag="other"
+        )
+        self._agent_env = {
+            "MODE": "agent",
+            "ORVANTA_SERVER_URL": self.service.url,
+            "ORVANTA_AGENT_TOKEN": token,
+        }
 
     # -- probes ----------------------------------------------------------------------------
     def run_probe(self, probe: Probe) -> ProbeRun:
         assert self.queue is not None, "cell not started"
         token = secrets.token_hex(8)
         env = self.canaries.job_env(token, self.matrix.limits)
+        if self.service is not None:
+            env.update({"PROBE_SERVER_URL": self.service.url, "PROBE_OTHER_JOB": self.other_job})
         job_id = self.queue.submit(
-            probe.language, self._script(probe.script.read_text()), env, PROBE_TIMEOUT
+            probe.language,
+            self._script(probe.script.read_text()),
+            env,
+            PROBE_TIMEOUT,
+            tag=self.tag,
         )
         job = self.queue.wait(job_id, PROBE_TIMEOUT + 30)
         assert job.result is not None
@@ -138,7 +182,8 @@ class CellSession:
 
     def run_script(self, language: str, script: str) -> JobResult:
         assert self.queue is not None, "cell not started"
-        job = self.queue.wait(self.queue.submit(language, self._script(script), {}, 30), 60)
+        job_id = self.queue.submit(language, self._script(script), {}, 30, tag=self.tag)
+        job = self.queue.wait(job_id, 60)
         assert job.result is not None
         return job.result
 
@@ -166,7 +211,8 @@ class CellSession:
                 if k in self.matrix.limits
             }
         )
-        env.update(self.canaries.worker_env(self.state_dir))
+        # a worker holds its queue's credentials; an agent only the server's URL and its token
+        env.update(self._agent_env or self.canaries.worker_env(self.state_dir))
         env["ORVANTA_STATE_DIR"] = str(self.state_dir)
         env["ORVANTA_JOB_TIMEOUT"] = str(int(PROBE_TIMEOUT))
         return env

@@ -18,6 +18,7 @@ OUTCOMES = ("blocked", "exposed")
 PROBES_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "probes"
 JOBS_DIR = PROBES_DIR.parent / "jobs"
 EXPECT_KINDS = ("refuses_start", "job_error", "job_exit")
+MODES = ("worker", "agent")
 
 
 class MatrixError(ValueError):
@@ -40,6 +41,7 @@ class Probe:
     row: str  # the table property it attacks
     req: tuple[str, ...]
     script: Path
+    needs: str = ""  # a platform mode (agent) the probe only makes sense on; "" for every cell
 
     @property
     def language(self) -> str:
@@ -79,6 +81,14 @@ class Matrix:
     limits: dict[str, int]
     cells: list[Cell]
 
+    def mode(self, cell: Cell) -> str:
+        """How the cell's workers reach jobs: worker (the database) or agent (the API only)."""
+        return str(self.platforms[cell.platform].get("mode", "worker"))
+
+    def probes_for(self, cell: Cell) -> list[Probe]:
+        """The probes that apply to this cell (agent_api only where workers are agents)."""
+        return [p for p in self.probes.values() if not p.needs or p.needs == self.mode(cell)]
+
     def documented(self, cell: Cell, probe: Probe) -> str:
         """The outcome the page's table promises for this probe in this cell."""
         value = self.table[probe.row].values[cell.backend]
@@ -107,6 +117,9 @@ def load(path: Path) -> Matrix:
     table = {name: _row(path, name, spec) for name, spec in _section(path, raw, "table").items()}
     probes = {n: _probe(path, n, s, table) for n, s in _section(path, raw, "probes").items()}
     platforms = _section(path, raw, "platforms")
+    for name, options in platforms.items():
+        if (options or {}).get("mode", "worker") not in MODES:
+            raise MatrixError(path, f"platforms.{name}.mode", f"use one of {list(MODES)}")
     cells = [_cell(path, i, spec, platforms, probes) for i, spec in enumerate(raw.get("cells", []))]
     ids = [c.id for c in cells]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
@@ -156,7 +169,10 @@ def _probe(path: Path, name: str, spec: dict[str, Any], table: dict[str, Row]) -
         raise MatrixError(
             path, f"probes.{name}", f"no script {name}.py or {name}.sh in {PROBES_DIR}"
         )
-    return Probe(name, spec["property"], tuple(spec.get("req", ())), scripts[0])
+    needs = str(spec.get("needs", ""))
+    if needs not in ("", *MODES):
+        raise MatrixError(path, f"probes.{name}.needs", f"{needs!r} is not one of {list(MODES)}")
+    return Probe(name, spec["property"], tuple(spec.get("req", ())), scripts[0], needs)
 
 
 def _cell(

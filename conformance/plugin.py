@@ -133,18 +133,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     cells = [c for c in selected_cells(metafunc.config) if c.kind in kinds]
     if "startup_log" in kinds:
         cells = [c for c in selected_cells(metafunc.config) if c.startup_log]
-    platforms = matrix_of(metafunc.config).platforms
+    matrix = matrix_of(metafunc.config)
+    if "probe" in metafunc.fixturenames:  # each cell with the probes that apply to it
+        metafunc.parametrize(
+            ("cell", "probe"),
+            [
+                pytest.param(
+                    c,
+                    p,
+                    id=f"{c.id}-{p.name}",
+                    marks=[*_marks(c, matrix.platforms), pytest.mark.req(*p.req)],
+                )
+                for c in cells
+                for p in matrix.probes_for(c)
+            ],
+            indirect=["cell"],
+            scope="session",
+        )
+        return
     metafunc.parametrize(
         "cell",
-        [pytest.param(c, id=c.id, marks=_marks(c, platforms)) for c in cells],
+        [pytest.param(c, id=c.id, marks=_marks(c, matrix.platforms)) for c in cells],
         indirect=True,
         scope="session",
     )
-    if "probe" in metafunc.fixturenames:
-        probes = matrix_of(metafunc.config).probes.values()
-        metafunc.parametrize(
-            "probe", [pytest.param(p, id=p.name, marks=pytest.mark.req(*p.req)) for p in probes]
-        )
 
 
 def _marks(cell: Cell, platforms: dict[str, Any]) -> list[pytest.MarkDecorator]:

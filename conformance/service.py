@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,21 +57,38 @@ def postgres_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def scratch_postgres(prefix: str = "orvanta_t") -> Iterator[str]:
-    """A fresh database on the local PostgreSQL; its URL, and the database dropped after."""
+def scratch_postgres(prefix: str = "orvanta_t", password: str | None = None) -> Iterator[str]:
+    """A fresh database on the local PostgreSQL, dropped afterwards; yields its URL.
+
+    With `password`, the database belongs to a fresh role of that password (dropped too):
+    a worker's real credentials, which a conformance cell makes its canary secret.
+    """
     import psycopg
+    from psycopg import sql
 
     base = postgres_url()
     if base is None:
         raise ServiceError(postgres_unavailable() or "no PostgreSQL")
     name = f"{prefix}_{secrets.token_hex(6)}"
+    parts = urllib.parse.urlsplit(base)
+    user, host = parts.username or "", parts.hostname or "127.0.0.1"
+    netloc = f"{user}:{parts.password}@{host}:{parts.port or 5432}"
+    db = sql.Identifier(name)
     with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        if password is not None:
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(db, password))
+            admin.execute(sql.SQL("GRANT {} TO {}").format(db, sql.Identifier(user)))
+            admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(db, db))
+            netloc = f"{name}:{urllib.parse.quote(password)}@{host}:{parts.port or 5432}"
+        else:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(db))
     try:
-        yield base.rsplit("/", 1)[0] + "/" + name
+        yield urllib.parse.urlunsplit((parts.scheme, netloc, f"/{name}", "", ""))
     finally:
         with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(db))
+            if password is not None:
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(db))
 
 
 def free_port() -> int:
@@ -156,7 +174,9 @@ class Service:
             return status, text
 
     def submit(self, script: str, language: str = "python3", **fields: Any) -> str:
-        status, body = self.call("POST", "/api/jobs", {"language": language, "script": script, **fields})
+        status, body = self.call(
+            "POST", "/api/jobs", {"language": language, "script": script, **fields}
+        )
         if status != 201:
             raise ServiceError(f"submit refused with {status}: {body}")
         return str(body["id"])

@@ -83,6 +83,10 @@ def unavailable(name: str, options: dict[str, Any]) -> str | None:
         from conformance.platforms.docker import engine_problem
 
         return engine_problem()
+    if options.get("mode") == "agent":  # the server under test keeps its queue in PostgreSQL
+        from conformance.service import postgres_unavailable
+
+        return postgres_unavailable()
     return None
 
 

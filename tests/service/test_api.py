@@ -228,7 +228,10 @@ def test_a_volume_name_that_is_a_path_is_refused(
     normal_worker()
     job = service.wait(service.submit(f"{header}\nprint('ran')\n"))
     assert job["result"]["status"] == "error" and job["result"]["stdout"] == "", job
-    assert "is not valid" in job["result"]["stderr"] and "a name, not a path" in job["result"]["stderr"]
+    assert (
+        "is not valid" in job["result"]["stderr"]
+        and "a name, not a path" in job["result"]["stderr"]
+    )
 
 
 BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [

@@ -25,10 +25,14 @@ def test_no_request_the_spec_allows_or_forbids_makes_the_server_fail(
     service: Service, caller: str, tmp_path: Path
 ) -> None:
     token = service.admin_token if caller == "admin" else service.create_group("fuzz", ["fuzz"])
-    only = ["--exclude-path-regex", "^/api/agent/"] if caller == "admin" else [
-        "--include-path-regex",
-        "^/api/agent/",
-    ]
+    only = (
+        ["--exclude-path-regex", "^/api/agent/"]
+        if caller == "admin"
+        else [
+            "--include-path-regex",
+            "^/api/agent/",
+        ]
+    )
     proc = subprocess.run(
         [
             str(Path(sys.executable).with_name("schemathesis")),
