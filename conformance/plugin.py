@@ -16,7 +16,7 @@ import pytest
 
 from conformance.audit import AuditCollector
 from conformance.harness import CellSession
-from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, current_env_cell, load
+from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, Probe, current_env_cell, load
 from conformance.platforms import driver_of, finish, open_platform, prepare, unavailable
 from conformance.platforms.session import start_session
 
@@ -76,18 +76,31 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A check with no matching cell (e.g. --backend=none has no job_error cell) is not a test."""
-    empty = [
-        i
-        for i in items
-        if any(
+    """Deselect, visibly, what is not a test here rather than skip it.
+
+    A check with no matching cell (e.g. --backend=none has no job_error cell), and a
+    cell x probe pair that does not apply (agent_api on a database worker): cell and
+    probe are parametrized separately so that each cell stays one session-scoped set-up.
+    """
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        empty = any(
             str(m.kwargs.get("reason", "")).startswith("got empty parameter set")
-            for m in i.iter_markers("skip")
+            for m in item.iter_markers("skip")
         )
-    ]
-    if empty:
-        config.hook.pytest_deselected(items=empty)
-        items[:] = [i for i in items if i not in empty]
+        params = getattr(item, "callspec", None)
+        cell = params.params.get("cell") if params else None
+        probe = params.params.get("probe") if params else None
+        misfit = (
+            isinstance(cell, Cell)
+            and isinstance(probe, Probe)
+            and probe not in matrix_of(config).probes_for(cell)
+        )
+        (drop if empty or misfit else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -134,29 +147,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "startup_log" in kinds:
         cells = [c for c in selected_cells(metafunc.config) if c.startup_log]
     matrix = matrix_of(metafunc.config)
-    if "probe" in metafunc.fixturenames:  # each cell with the probes that apply to it
-        metafunc.parametrize(
-            ("cell", "probe"),
-            [
-                pytest.param(
-                    c,
-                    p,
-                    id=f"{c.id}-{p.name}",
-                    marks=[*_marks(c, matrix.platforms), pytest.mark.req(*p.req)],
-                )
-                for c in cells
-                for p in matrix.probes_for(c)
-            ],
-            indirect=["cell"],
-            scope="session",
-        )
-        return
     metafunc.parametrize(
         "cell",
         [pytest.param(c, id=c.id, marks=_marks(c, matrix.platforms)) for c in cells],
         indirect=True,
         scope="session",
     )
+    if "probe" in metafunc.fixturenames:
+        probes = matrix.probes.values()
+        metafunc.parametrize(
+            "probe", [pytest.param(p, id=p.name, marks=pytest.mark.req(*p.req)) for p in probes]
+        )
 
 
 def _marks(cell: Cell, platforms: dict[str, Any]) -> list[pytest.MarkDecorator]:

@@ -26,7 +26,8 @@ from runtime.startup import HostCapabilities, probe_host
 log = logging.getLogger("orvanta.worker")
 
 WORKER_OOM_SCORE_ADJ = -900
-IDLE_POLL_SECONDS = 0.02
+IDLE_POLL_SECONDS = 0.02  # first wait after finding the queue empty; doubles while it stays so
+IDLE_POLL_MAX_SECONDS = 0.2  # an idle worker (or agent, over HTTP) asks at most 5 times a second
 CANCEL_POLL_SECONDS = 0.25
 HEARTBEAT_SECONDS = 2.0
 
@@ -149,6 +150,7 @@ class Worker:
     def serve(self, max_jobs: int | None = None) -> int:
         """Run jobs until stopped (or `max_jobs` done); returns how many ran."""
         done = 0
+        idle = IDLE_POLL_SECONDS
         log.info("worker %s: pulling jobs from %s", self.name, self.queue.path)
         while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
             self._heartbeat()
@@ -159,8 +161,10 @@ class Worker:
                 self.stopping.wait(1.0)
                 continue
             if spec is None:
-                self.stopping.wait(IDLE_POLL_SECONDS)
+                self.stopping.wait(idle)
+                idle = min(idle * 2, IDLE_POLL_MAX_SECONDS)
                 continue
+            idle = IDLE_POLL_SECONDS
             result = self._run_with_lease(spec, self._current_settings())
             self._complete(result)
             log.info(
