@@ -48,7 +48,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished     DOUBLE PRECISION,
     result       TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (status, tag, created);
 CREATE TABLE IF NOT EXISTS worker_groups (
     name       TEXT PRIMARY KEY,
     tags       TEXT NOT NULL,
@@ -67,6 +66,15 @@ CREATE TABLE IF NOT EXISTS instance_settings (
     value TEXT NOT NULL
 )
 """
+
+
+INDEXES = "CREATE INDEX IF NOT EXISTS jobs_by_tag ON jobs (status, tag, created)"
+# Columns added since the first release: a queue file of an older worker gains them in place.
+ADDED_COLUMNS = {
+    "tag": "TEXT NOT NULL DEFAULT 'default'",
+    "workspace": "TEXT NOT NULL DEFAULT 'default'",
+    "worker_group": "TEXT",
+}
 
 
 class InvalidNameError(ValueError):
@@ -117,8 +125,17 @@ class JobQueue:
             with db.transaction():  # concurrent CREATE IF NOT EXISTS races in PostgreSQL
                 db.query("SELECT pg_advisory_xact_lock(5617)")
                 db.script(SCHEMA)
+                for column, kind in ADDED_COLUMNS.items():
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {column} {kind}")
+                db.execute(INDEXES)
         else:
             db.script(SCHEMA)
+            with db.transaction():
+                have = {row[1] for row in db.query("PRAGMA table_info(jobs)")}
+                for column, kind in ADDED_COLUMNS.items():
+                    if column not in have:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                db.execute(INDEXES)
 
     @classmethod
     def open(cls, url: str | None, state_dir: Path) -> JobQueue:

@@ -113,21 +113,26 @@ def _cells(matrix: Matrix, tests: list[TestRecord]) -> list[dict[str, Any]]:
 
 
 def _table(matrix: Matrix, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The page's table: per backend, the reference cell (the current environment's cell,
-    else the table cell with the fewest overrides, in matrix order)."""
-    reference: dict[str, dict[str, Any]] = {}
+    """The page's table: per backend and property, the reference cell (the current
+    environment's cell, else the table cell with the fewest overrides, in matrix order,
+    that probed the property: agent_scope is probed on agent cells only)."""
     # the least special cell stands for its backend: fewest overrides, no annotation
     weight = {c.id: len(c.overrides) + (100 if c.annotate else 0) for c in matrix.cells}
     # the worker as this environment configures it (orvanta audit) comes first
     ordered = sorted(cells, key=lambda c: ("/current-env/" not in c["id"], weight[c["id"]]))
-    for cell in ordered:
-        if cell["kind"] == "table" and cell["probes"]:
-            reference.setdefault(cell["backend"], cell)
+    candidates = [c for c in ordered if c["kind"] == "table" and c["probes"]]
     rows = []
     for name, row in matrix.table.items():
         entry: dict[str, Any] = {"property": name, "req": row.req, "backends": {}}
         for backend, documented in row.values.items():
-            ref = reference.get(backend)
+            ref = next(
+                (
+                    c
+                    for c in candidates
+                    if c["backend"] == backend and any(p["property"] == name for p in c["probes"])
+                ),
+                None,
+            )
             runs = [p for p in ref["probes"] if p["property"] == name] if ref else []
             if not runs:
                 measured, status = "not measured", "not measured"
