@@ -11,6 +11,7 @@ the worker falls back to being a child subreaper (see `runtime.reaper`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -25,7 +26,9 @@ PARENT = "orvanta"
 NSJAIL_CONTROLLERS = ("memory", "pids", "cpu")
 
 
+@functools.cache
 def is_v2() -> bool:
+    """The host's cgroup version, which does not change while a worker runs."""
     return (ROOT / "cgroup.controllers").exists()
 
 
@@ -63,10 +66,13 @@ class JobCgroup:
     was killed and could not clean up.
     """
 
-    def __init__(self, path: Path, v2: bool, nsjail_parents: list[Path]) -> None:
+    def __init__(
+        self, path: Path, v2: bool, nsjail_parents: list[Path], fresh: bool = True
+    ) -> None:
         self.path = path
         self.v2 = v2
         self.nsjail_parents = nsjail_parents
+        self.fresh = fresh  # False: left by a killed worker's attempt at the same job
 
     @classmethod
     def create(cls, job_id: str, nsjail: bool = False) -> JobCgroup | None:
@@ -74,10 +80,15 @@ class JobCgroup:
         by the caller), or None where this process may not make one."""
         v2 = is_v2()
         base = ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
+        path = base / f"job-{job_id}"
         try:
-            base.mkdir(exist_ok=True)
-            path = base / f"job-{job_id}"
-            path.mkdir(exist_ok=True)
+            if base not in _MADE:
+                base.mkdir(exist_ok=True)
+                _MADE.add(base)
+            path.mkdir()
+            fresh = True
+        except FileExistsError:
+            fresh = False
         except OSError as exc:
             log.debug("no tracking cgroup for job %s: %s", job_id, exc)
             return None
@@ -90,7 +101,7 @@ class JobCgroup:
                     parents.append(parent)
                 except OSError as exc:
                     log.debug("no %s group for job %s: %s", controller, job_id, exc)
-        return cls(path, v2, parents)
+        return cls(path, v2, parents, fresh)
 
     def pids(self) -> list[int]:
         try:
@@ -102,7 +113,7 @@ class JobCgroup:
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
         """The worker itself inside the job's group, so that what it spawns is born there."""
-        home = _own_group(self.path.parent.parent if not self.v2 else ROOT, self.v2)
+        home = _own_group(self.path.parent.parent if not self.v2 else ROOT, self.v2, os.getpid())
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
         try:
             yield
@@ -154,8 +165,15 @@ class JobCgroup:
                 time.sleep(0.005)
 
 
-def _own_group(hierarchy: Path, v2: bool) -> Path:
-    """This process's current group in the hierarchy mounted at `hierarchy`."""
+_MADE: set[Path] = set()  # parents this process has made (or found) already
+
+
+@functools.cache
+def _own_group(hierarchy: Path, v2: bool, pid: int | None = None) -> Path:
+    """This process's group in the hierarchy mounted at `hierarchy`.
+
+    Cached per pid: the worker always returns to the group it started in.
+    """
     controller = hierarchy.name
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)

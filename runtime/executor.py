@@ -114,18 +114,24 @@ class JobRunner:
         timeout = spec.timeout or settings.job_timeout
         root = self.jobs_dir / spec.id
         cgroup = JobCgroup.create(spec.id, nsjail=decision.backend == "nsjail")
-        if root.exists() or (cgroup is not None and cgroup.pids()):
+        # a fresh tracking group means no earlier attempt left anything here: its cleanup
+        # removes the job dir before the group
+        leftover = cgroup is None or not cgroup.fresh
+        if leftover and (root.exists() or (cgroup is not None and cgroup.pids())):
             # A retry after a worker died mid-job: nothing of that attempt may linger.
             stale = cgroup.kill_all() if cgroup is not None else 0
             shutil.rmtree(root, ignore_errors=True)
             job_log.append(f"retry: removed the previous attempt's files and {stale} process(es)")
-        nsjail_parent = (
-            job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
-        )
+        nsjail_parent = None
+        if decision.backend == "nsjail":
+            nsjail_parent = (
+                job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
+            )
         job = PreparedJob(
             spec.id, lang, root / "job", root / "control", timeout, nsjail_parent, volumes
         )
-        job.job_dir.mkdir(parents=True)
+        root.mkdir()
+        job.job_dir.mkdir()
         (job.job_dir / lang.filename).write_text(spec.script)
         for host_dir, name in volumes:
             if decision.backend == "nsjail":
@@ -217,22 +223,35 @@ def _oom_score(value: bytes) -> Iterator[None]:
 
     Raising it, and lowering it back to where it was, needs no privilege; the job
     inherits the raised value, so it, not the worker, is what the OOM killer takes.
+    The file stays open and its old value known: two writes per job, no opens.
     """
-    path = "/proc/self/oom_score_adj"
-    try:
-        with open(path, "rb") as f:
-            before = f.read().strip()
-        with open(path, "wb", buffering=0) as f:
-            f.write(value)
-    except OSError as exc:
-        log.debug("cannot set oom_score_adj for the spawn: %s", exc)
+    handle = _oom_handle()
+    if handle is None:
         yield
         return
+    fd, before = handle
+    os.pwrite(fd, value, 0)
     try:
         yield
     finally:
-        with open(path, "wb", buffering=0) as f:
-            f.write(before)
+        os.pwrite(fd, before, 0)
+
+
+_OOM: dict[int, tuple[int, bytes] | None] = {}
+
+
+def _oom_handle() -> tuple[int, bytes] | None:
+    """This process's oom_score_adj, open for writing, and its value at first use."""
+    pid = os.getpid()
+    if pid not in _OOM:
+        try:
+            with open("/proc/self/oom_score_adj", "rb") as f:
+                before = f.read().strip()
+            _OOM[pid] = (os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC), before)
+        except OSError as exc:
+            log.debug("cannot set oom_score_adj for spawns: %s", exc)
+            _OOM[pid] = None
+    return _OOM[pid]
 
 
 class _Capped:
