@@ -26,6 +26,7 @@ class AgentAPIError(RuntimeError):
 
     def __init__(self, status: int, detail: str) -> None:
         self.status = status
+        self.fatal = status in (401, 403)  # the token is gone: retrying cannot help
         super().__init__(f"server answered {status}: {detail}")
 
 

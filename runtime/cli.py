@@ -165,7 +165,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     worker.tags = tags
     worker.install_signal_handlers()
     worker.serve(args.max_jobs)
-    return 0
+    return 1 if worker.failed else 0
 
 
 def _agent(settings: Settings) -> tuple[AgentClient, tuple[str, ...]]:

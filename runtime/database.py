@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +35,13 @@ class DatabaseURLError(ValueError):
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced, for logs and errors."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL with its password (user-info or ?password=) replaced, for logs and errors."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            url = url.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 class Database(Protocol):
@@ -99,40 +105,51 @@ class PostgresDatabase:
     kind = "postgresql"
 
     def __init__(self, url: str) -> None:
+        self.display = redact(url)
+        self._url = url
+        self._lock = threading.RLock()
+        self._db = self._connect()
+
+    def _connect(self) -> Any:
         import psycopg  # only workers and servers that use PostgreSQL need it
 
-        self.display = redact(url)
-        self._lock = threading.RLock()
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            return psycopg.connect(self._url, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise ConnectionError(
-                f"cannot connect to DATABASE_URL={self.display}: {str(exc).strip()}; check that "
-                f"PostgreSQL runs there and that the user, password and database exist"
+                f"cannot connect to DATABASE_URL={self.display}: "
+                f"{redact(str(exc)).strip()}; check that PostgreSQL runs there and that the "
+                f"user, password and database exist"
             ) from None
+
+    def _live(self) -> Any:
+        """The connection, made again if PostgreSQL restarted or dropped it."""
+        if self._db.closed or self._db.broken:
+            self._db = self._connect()
+        return self._db
 
     @staticmethod
     def _sql(sql: str) -> str:
         return sql.replace("?", "%s")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self._lock, self._db.cursor() as cur:
+        with self._lock, self._live().cursor() as cur:
             cur.execute(self._sql(sql), tuple(params))
             return list(cur.fetchall()) if cur.description else []
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self._lock, self._db.cursor() as cur:
+        with self._lock, self._live().cursor() as cur:
             cur.execute(self._sql(sql), tuple(params))
-            return cur.rowcount
+            return int(cur.rowcount)
 
     def script(self, sql: str) -> None:
         with self._lock:
             for statement in filter(str.strip, sql.split(";")):
-                self._db.execute(statement)
+                self._live().execute(statement)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        with self._lock, self._db.transaction():
+        with self._lock, self._live().transaction():
             yield
 
     def close(self) -> None:

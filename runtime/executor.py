@@ -130,16 +130,16 @@ class JobRunner:
         job = PreparedJob(
             spec.id, lang, root / "job", root / "control", timeout, nsjail_parent, volumes
         )
-        root.mkdir()
-        job.job_dir.mkdir()
-        (job.job_dir / lang.filename).write_text(spec.script)
-        for host_dir, name in volumes:
-            if decision.backend == "nsjail":
-                (job.job_dir / name).mkdir()  # the mount point; nsjail binds the volume on it
-            else:
-                (job.job_dir / name).symlink_to(host_dir)  # no isolation: a link is as good
-            job_log.append(f"volume: {host_dir.name} at ./{name}")
         try:
+            root.mkdir()
+            job.job_dir.mkdir()
+            (job.job_dir / lang.filename).write_text(spec.script)
+            for host_dir, name in volumes:
+                if decision.backend == "nsjail":
+                    (job.job_dir / name).mkdir()  # the mount point; nsjail binds the volume
+                else:
+                    (job.job_dir / name).symlink_to(host_dir)  # no isolation: a link will do
+                job_log.append(f"volume: {host_dir.name} at ./{name}")
             env = _job_env(spec, backend.inner_dir(job))
             outcome = self._execute(backend.argv(job), job, env, cgroup, cancel)
         finally:
@@ -164,6 +164,9 @@ class JobRunner:
         requests = volume_annotations(spec.script)
         if not requests:
             return ()
+        script = language(spec.language).filename
+        if any(r.target == script for r in requests):
+            raise ValueError(f"volume target {script!r} is the job's own script; name another")
         if not VOLUME_NAME.match(spec.workspace) or ".." in spec.workspace:
             raise ValueError(f"workspace {spec.workspace!r} is not a valid name for volumes")
         volumes = []
@@ -271,7 +274,8 @@ class _Capped:
         self.dropped += max(0, len(data) - max(room, 0))
 
     def text(self) -> str:
-        text = b"".join(self.chunks).decode("utf-8", "replace")
+        # NUL becomes U+FFFD: no database stores it in text, and a result must always store
+        text = b"".join(self.chunks).decode("utf-8", "replace").replace("\x00", "\ufffd")
         if self.dropped:
             text += f"\n[output truncated: {self.dropped} more bytes dropped]\n"
         return text

@@ -27,6 +27,7 @@ from runtime.executor import JobResult, JobSpec
 DEFAULT_TAG = "default"
 DEFAULT_WORKSPACE = "default"
 WORKER_LIVE_SECONDS = 15.0  # a worker not seen for this long serves no tag
+MAX_ATTEMPTS = 5  # a job whose workers died (or could not report) this often fails for good
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 SCHEMA = """
@@ -189,12 +190,19 @@ class JobQueue:
                            WHERE (status='queued' OR (status='running' AND lease_until < ?))
                              AND tag IN ({marks})
                            ORDER BY created LIMIT 1{lock})
-               RETURNING id, language, script, env, timeout, workspace""",
+               RETURNING id, language, script, env, timeout, workspace, attempts""",
             (worker, group, now + lease, now, *tags),
         )
         if not rows:
             return None
-        job_id, language, script, env, timeout, workspace = rows[0]
+        job_id, language, script, env, timeout, workspace, attempts = rows[0]
+        if attempts > MAX_ATTEMPTS:
+            why = (
+                f"abandoned after {attempts - 1} attempts whose workers died or could not "
+                f"report a result"
+            )
+            self.complete(JobResult(job_id, "none", "error", None, 0.0, "", why, [why]), worker)
+            return self.claim(worker, lease, tags, group)
         return JobSpec(job_id, language, script, json.loads(env), timeout, workspace)
 
     def renew(self, job_id: str, worker: str, lease: float) -> bool:
@@ -206,22 +214,22 @@ class JobQueue:
         return changed == 1
 
     def cancel(self, job_id: str) -> str:
-        """Ask for a job to stop: a queued one never runs, a running one is killed by its worker."""
-        with self.db.transaction():
-            rows = self.db.query("SELECT status FROM jobs WHERE id=?", (job_id,))
-            if not rows:
-                raise KeyError(f"no job {job_id!r} in {self.path}")
-            if rows[0][0] == "queued":
-                result = JobResult(job_id, "none", "canceled", None, 0.0, "", "", ["canceled"])
-                self.db.execute(
-                    "UPDATE jobs SET status='done', finished=?, result=? WHERE id=?",
-                    (time.time(), json.dumps(result.to_dict()), job_id),
-                )
-                return "canceled before it ran"
-            if rows[0][0] == "running":
-                self.db.execute("UPDATE jobs SET cancel=1 WHERE id=?", (job_id,))
-                return "cancel requested"
-            return "already done"
+        """Ask for a job to stop: a queued one never runs, a running one is killed by its worker.
+
+        Each step is one conditional UPDATE, so a worker claiming the job meanwhile
+        turns "never runs" into "killed while running", never into a lost result.
+        """
+        result = JobResult(job_id, "none", "canceled", None, 0.0, "", "", ["canceled"])
+        if self.db.execute(
+            "UPDATE jobs SET status='done', finished=?, result=? WHERE id=? AND status='queued'",
+            (time.time(), json.dumps(result.to_dict()), job_id),
+        ):
+            return "canceled before it ran"
+        if self.db.execute("UPDATE jobs SET cancel=1 WHERE id=? AND status='running'", (job_id,)):
+            return "cancel requested"
+        if self.get(job_id) is None:
+            raise KeyError(f"no job {job_id!r}")
+        return "already done"
 
     def cancel_requested(self, job_id: str) -> bool:
         rows = self.db.query("SELECT cancel FROM jobs WHERE id=?", (job_id,))

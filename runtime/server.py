@@ -30,6 +30,8 @@ MAX_SCRIPT_CHARS = 1 << 20
 MAX_ENV_VARS = 128
 MAX_ENV_VALUE_CHARS = 32 << 10
 MAX_TIMEOUT_SECONDS = 86400.0
+MAX_OUTPUT_CHARS = 256 << 20  # per stream; far above any sane ORVANTA_OUTPUT_LIMIT
+MAX_LEASE_SECONDS = 86400.0
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
@@ -51,7 +53,8 @@ EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
 EnvValue = Annotated[Text, StringConstraints(max_length=MAX_ENV_VALUE_CHARS)]
 Language = Literal["bash", "python3"]  # = runtime.languages.LANGUAGES (a unit test checks)
 Isolation = Literal["none", "nsjail_sandboxing"]  # = JOB_ISOLATION_VALUES (checked too)
-JobId = Annotated[str, Path(max_length=64)]
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+PathName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 class JobRequest(BaseModel):
@@ -75,9 +78,21 @@ class ResultModel(BaseModel):
     status: Literal["success", "failure", "timeout", "error", "canceled"]
     exit_code: int | None = Field(ge=-255, le=255)
     duration: float = Field(ge=0, le=10 * MAX_TIMEOUT_SECONDS)
-    stdout: Annotated[Text, StringConstraints(max_length=16 << 20)]
-    stderr: Annotated[Text, StringConstraints(max_length=16 << 20)]
+    stdout: Annotated[Text, StringConstraints(max_length=MAX_OUTPUT_CHARS)]
+    stderr: Annotated[Text, StringConstraints(max_length=MAX_OUTPUT_CHARS)]
     log: list[Annotated[Text, StringConstraints(max_length=64 << 10)]] = Field(max_length=1000)
+
+
+class ResultOut(BaseModel):
+    """A stored result as it is: no input limits on the way out (a stored job always reads)."""
+
+    isolation: str
+    status: str
+    exit_code: int | None
+    duration: float
+    stdout: str
+    stderr: str
+    log: list[str]
 
 
 class JobOut(BaseModel):
@@ -91,7 +106,7 @@ class JobOut(BaseModel):
     created: float
     finished: float | None
     waiting: str | None
-    result: ResultModel | None
+    result: ResultOut | None
 
 
 class SettingValue(BaseModel):
@@ -118,7 +133,7 @@ class GroupCreated(GroupOut):
 
 class AgentClaim(BaseModel):
     worker: Name
-    lease: float = Field(default=30.0, gt=0, le=3600)
+    lease: float = Field(default=30.0, gt=0, le=MAX_LEASE_SECONDS)
 
 
 class AgentJob(BaseModel):
@@ -136,7 +151,7 @@ class AgentClaimed(BaseModel):
 
 class AgentHeartbeat(BaseModel):
     worker: Name
-    lease: float = Field(default=30.0, gt=0, le=3600)
+    lease: float = Field(default=30.0, gt=0, le=MAX_LEASE_SECONDS)
 
 
 class AgentResult(BaseModel):
@@ -153,7 +168,7 @@ def _job_out(queue: JobQueue, job: QueuedJob) -> JobOut:
     if job.result is not None:
         fields = job.result.to_dict()
         fields.pop("job_id")
-        result = ResultModel.model_validate(fields)
+        result = ResultOut.model_validate(fields)
     return JobOut(
         id=job.id,
         status=job.status,
@@ -260,8 +275,10 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
         "/api/jobs/{job_id}/cancel", dependencies=[Admin], responses={404: {}, **unauthorized}
     )
     def cancel(job_id: JobId) -> dict[str, str]:
-        with missing_as_404():
+        try:
             return {"id": job_id, "outcome": queue.cancel(job_id)}
+        except KeyError:
+            raise HTTPException(404, f"no job {job_id!r}") from None
 
     # -- admin: settings, groups, workers ----------------------------------------------
     @app.get("/api/settings/job_isolation", dependencies=[Admin], responses=unauthorized)
@@ -292,12 +309,12 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
         return [GroupOut(name=g.name, tags=list(g.tags)) for g in queue.groups()]
 
     @app.delete("/api/groups/{name}", status_code=204, dependencies=[Admin], responses={404: {}})
-    def delete_group(name: Annotated[str, Path(max_length=64)]) -> None:
+    def delete_group(name: PathName) -> None:
         with missing_as_404():
             queue.delete_group(name)
 
     @app.post("/api/groups/{name}/token", dependencies=[Admin], responses={404: {}})
-    def rotate_token(name: Annotated[str, Path(max_length=64)]) -> dict[str, str]:
+    def rotate_token(name: PathName) -> dict[str, str]:
         with missing_as_404():
             return {"name": name, "token": queue.rotate_group_token(name)}
 
@@ -352,9 +369,7 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
         return {"recorded": queue.complete(result, qualified(group, body.worker))}
 
     @app.get("/api/agent/settings/{key}", responses={404: {}, **unauthorized})
-    def agent_setting(
-        key: Annotated[str, Path(max_length=64)], group: Group
-    ) -> dict[str, str | None]:
+    def agent_setting(key: PathName, group: Group) -> dict[str, str | None]:
         if key != "job_isolation":
             raise HTTPException(404, f"no instance setting {key!r}; known: job_isolation")
         return {"key": key, "value": queue.setting(key)}

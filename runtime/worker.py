@@ -134,6 +134,7 @@ class Worker:
         self._rejected: str | None = None
         self.tags = runner.settings.worker_tags
         self._beat = 0.0
+        self.failed = False  # stopped by an error no retry can fix
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -157,6 +158,10 @@ class Worker:
             try:
                 spec = self.queue.claim(self.name, self.lease, self.tags)
             except Exception as exc:  # the database or server is away: wait, never crash
+                if getattr(exc, "fatal", False):  # e.g. the agent's token was rotated
+                    log.error("worker %s: stopping: %s", self.name, exc)
+                    self.failed = True
+                    break
                 log.error("worker %s: cannot claim a job (%s); retrying in 1s", self.name, exc)
                 self.stopping.wait(1.0)
                 continue
@@ -199,6 +204,26 @@ class Worker:
                     )
                 return
             except Exception as exc:
+                status = getattr(exc, "status", 0)
+                if (
+                    400 <= status < 500
+                    and status not in (401, 403)
+                    and result.stdout + result.stderr
+                ):
+                    # the server will never take this record: report that instead, once
+                    log.error("job %s: the server refused the result: %s", result.job_id, exc)
+                    why = f"error: the server refused the job's result ({exc})"
+                    result = JobResult(
+                        result.job_id,
+                        result.isolation,
+                        "error",
+                        result.exit_code,
+                        result.duration,
+                        "",
+                        "",
+                        [*result.log, why],
+                    )
+                    continue
                 if time.monotonic() > end:
                     log.error(
                         "job %s: cannot record the result (%s); the job runs again elsewhere "
@@ -265,14 +290,20 @@ class Worker:
         def keep_lease() -> None:
             renewed = time.monotonic()
             while not finished.wait(CANCEL_POLL_SECONDS):
+                self._heartbeat()  # a busy worker still serves its tags
                 try:
                     if self.queue.cancel_requested(spec.id):
                         cancel.set()
                     if time.monotonic() - renewed > self.lease / 3:
-                        self.queue.renew(spec.id, self.name, self.lease)
+                        if not self.queue.renew(spec.id, self.name, self.lease):
+                            log.error("job %s: lease lost (taken over); stopping it", spec.id)
+                            cancel.set()
                         renewed = time.monotonic()
-                except Exception as exc:  # keep the job running; the lease may still hold
+                except Exception as exc:  # keep the job running while the lease may hold
                     log.warning("job %s: cannot reach the queue to renew: %s", spec.id, exc)
+                    if time.monotonic() - renewed > self.lease:
+                        log.error("job %s: lease expired unrenewed; stopping it", spec.id)
+                        cancel.set()
 
         keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)
         keeper.start()

@@ -143,6 +143,10 @@ def test_passwords_are_redacted() -> None:
         "postgresql://orvanta:***@127.0.0.1:5432/db"
     )
     assert redact("sqlite:////x/q.db") == "sqlite:////x/q.db"
+    assert redact("postgresql://h/db?sslmode=off&password=pw") == (
+        "postgresql://h/db?sslmode=off&password=***"
+    )
+    assert redact("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
 
 
 @pytest.mark.req("R-GRP-1")
