@@ -9,9 +9,11 @@ so that both see the same noise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,11 @@ def bench_command(args: argparse.Namespace, _settings: object) -> int:
         "per_job": [],
         "throughput": [],
     }
+    results["floor"] = floor(args.runs)
+    _progress(
+        f"floor    bash     guarantees {results['floor']['guarded_ms']['median']:7.2f} ms  "
+        f"raw {results['floor']['raw_ms']['median']:7.2f} ms  ratio {results['floor']['ratio']:.2f}"
+    )
     for backend in backends:
         for language in SCRIPTS:
             row = per_job(backend, language, args.runs)
@@ -112,6 +119,58 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
         "raw_ms": raw_ms,
         "ratio": round(runtime_ms["median"] / raw_ms["median"], 3),
         "overhead_ms": round(runtime_ms["median"] - raw_ms["median"], 3),
+    }
+
+
+def floor(runs: int) -> dict[str, Any]:
+    """What the per-job guarantees cost with no runtime around them: the lower bound.
+
+    A bare `bash -c true`, against the same with only what every job gets: its own
+    directory and script, a tracking cgroup the spawn is born in (where cgroups are
+    writable), piped output, and the removal of both. Interleaved, like per_job.
+    """
+    from runtime.cgroups import JobCgroup
+
+    argv = ["/bin/bash", "-c", "true"]
+
+    def bare() -> None:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+
+    with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
+
+        def guarded() -> None:
+            root = Path(tmp) / uuid.uuid4().hex[:16]
+            (root / "job").mkdir(parents=True)
+            (root / "job" / "main.sh").write_text("true\n")
+            cgroup = JobCgroup.create(root.name)
+            entered = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
+            with entered:
+                proc = subprocess.Popen(
+                    ["/bin/bash", str(root / "job" / "main.sh")],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=root / "job",
+                    start_new_session=True,
+                )
+            proc.communicate()
+            shutil.rmtree(root)
+            if cgroup is not None:
+                cgroup.remove()
+
+        for _ in range(3):
+            bare()
+            guarded()
+        bare_s, guarded_s = [], []
+        for _ in range(runs):
+            bare_s.append(_timed(bare))
+            guarded_s.append(_timed(guarded))
+    raw_ms, guarded_ms = _stats(bare_s), _stats(guarded_s)
+    return {
+        "raw_ms": raw_ms,
+        "guarded_ms": guarded_ms,
+        "ratio": round(guarded_ms["median"] / raw_ms["median"], 3),
+        "overhead_ms": round(guarded_ms["median"] - raw_ms["median"], 3),
     }
 
 
@@ -216,6 +275,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['backend']} | {r['language']} | {r['runtime_ms']['median']:.2f} ms "
             f"({r['runtime_ms']['p95']:.2f}) | {r['raw_ms']['median']:.2f} ms "
             f"({r['raw_ms']['p95']:.2f}) | {r['ratio']:.2f}x | {r['overhead_ms']:+.2f} ms |"
+        )
+    if "floor" in results:
+        f = results["floor"]
+        lines.append(
+            f"| (floor: guarantees only) | bash | {f['guarded_ms']['median']:.2f} ms "
+            f"({f['guarded_ms']['p95']:.2f}) | {f['raw_ms']['median']:.2f} ms "
+            f"({f['raw_ms']['p95']:.2f}) | {f['ratio']:.2f}x | {f['overhead_ms']:+.2f} ms |"
         )
     lines += ["", "| backend | worker jobs/s | raw tool jobs/s | share |", "|---|---|---|---|"]
     for t in results["throughput"]:

@@ -1,0 +1,53 @@
+"""`orvanta bench` end to end, small: every section present and self-consistent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import ROOT
+
+
+def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runtime.cli",
+            "bench",
+            "--runs",
+            "3",
+            "--backend",
+            "none",
+            "--throughput-jobs",
+            "10",
+            "--json",
+            str(out),
+            "--markdown",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert [(r["backend"], r["language"]) for r in results["per_job"]] == [
+        ("none", "bash"),
+        ("none", "python3"),
+    ]
+    for row in results["per_job"]:
+        assert row["runtime_ms"]["median"] > 0 and row["raw_ms"]["median"] > 0
+        assert row["ratio"] == pytest.approx(
+            row["runtime_ms"]["median"] / row["raw_ms"]["median"], rel=0.01
+        )
+    floor = results["floor"]
+    assert floor["guarded_ms"]["median"] > 0 and floor["raw_ms"]["median"] > 0
+    (throughput,) = results["throughput"]
+    assert throughput["backend"] == "none" and throughput["share"] > 0
+    assert "(floor: guarantees only)" in proc.stdout and "| none | bash |" in proc.stdout
