@@ -81,16 +81,23 @@ class JobCgroup:
         v2 = is_v2()
         base = ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
         path = base / f"job-{job_id}"
-        try:
-            if base not in _MADE:
-                base.mkdir(exist_ok=True)
-                _MADE.add(base)
-            path.mkdir()
-            fresh = True
-        except FileExistsError:
-            fresh = False
-        except OSError as exc:
-            log.debug("no tracking cgroup for job %s: %s", job_id, exc)
+        fresh = True
+        for _ in range(2):
+            try:
+                if base not in _MADE:
+                    base.mkdir(exist_ok=True)
+                    _MADE.add(base)
+                path.mkdir()
+                break
+            except FileExistsError:
+                fresh = False
+                break
+            except FileNotFoundError:
+                _MADE.discard(base)  # someone removed the parent: make it again
+            except OSError as exc:
+                log.debug("no tracking cgroup for job %s: %s", job_id, exc)
+                return None
+        else:
             return None
         parents = []
         if nsjail and not v2:
@@ -113,12 +120,21 @@ class JobCgroup:
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
         """The worker itself inside the job's group, so that what it spawns is born there."""
-        home = _own_group(self.path.parent.parent if not self.v2 else ROOT, self.v2, os.getpid())
+        hierarchy = self.path.parent.parent if not self.v2 else ROOT
+        home = _own_group(hierarchy, self.v2, os.getpid())
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
         try:
             yield
         finally:
-            (home / "cgroup.procs").write_text(str(os.getpid()))
+            try:
+                (home / "cgroup.procs").write_text(str(os.getpid()))
+            except OSError:  # the home group was removed meanwhile: look it up again
+                _own_group.cache_clear()
+                try:
+                    home = _own_group(hierarchy, self.v2, os.getpid())
+                    (home / "cgroup.procs").write_text(str(os.getpid()))
+                except (OSError, RuntimeError) as exc:
+                    log.error("worker stays in job group %s: %s", self.path, exc)
 
     def kill_all(self, deadline: float = 5.0) -> int:
         """SIGKILL every process in the group until it is empty; returns how many were hit."""

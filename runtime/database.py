@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +34,17 @@ class DatabaseURLError(ValueError):
 
 
 def redact(url: str) -> str:
-    """The URL with its password (user-info or ?password=) replaced, for logs and errors."""
-    netloc = urllib.parse.urlsplit(url).netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            url = url.replace(netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
+    """The URL with its password (user-info or ?password=) replaced, for logs and errors.
+
+    Parsed by hand: libpq accepts unencoded '?', '#', '/' or brackets in a password,
+    where a URL parser would leave it visible or raise.
+    """
+    start = url.find("://")
+    at = url.rfind("@")
+    if start >= 0 and at > start:
+        colon = url.find(":", start + 3, at)
+        if colon >= 0:
+            url = url[: colon + 1] + "***" + url[at:]
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 

@@ -114,14 +114,14 @@ class JobRunner:
         timeout = spec.timeout or settings.job_timeout
         root = self.jobs_dir / spec.id
         cgroup = JobCgroup.create(spec.id, nsjail=decision.backend == "nsjail")
-        # a fresh tracking group means no earlier attempt left anything here: its cleanup
-        # removes the job dir before the group
-        leftover = cgroup is None or not cgroup.fresh
-        if leftover and (root.exists() or (cgroup is not None and cgroup.pids())):
+        # A fresh tracking group holds no process of an earlier attempt, but that attempt's
+        # directory may survive it (a reboot or container restart resets cgroups only).
+        stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
+        if stale or root.exists():
             # A retry after a worker died mid-job: nothing of that attempt may linger.
-            stale = cgroup.kill_all() if cgroup is not None else 0
+            killed = cgroup.kill_all() if cgroup is not None else 0
             shutil.rmtree(root, ignore_errors=True)
-            job_log.append(f"retry: removed the previous attempt's files and {stale} process(es)")
+            job_log.append(f"retry: removed the previous attempt's files and {killed} process(es)")
         nsjail_parent = None
         if decision.backend == "nsjail":
             nsjail_parent = (
@@ -250,7 +250,7 @@ def _oom_handle() -> tuple[int, bytes] | None:
         try:
             with open("/proc/self/oom_score_adj", "rb") as f:
                 before = f.read().strip()
-            _OOM[pid] = (os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC), before)
+            _OOM[pid] = (os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC), before)
         except OSError as exc:
             log.debug("cannot set oom_score_adj for spawns: %s", exc)
             _OOM[pid] = None

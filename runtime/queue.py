@@ -180,30 +180,30 @@ class JobQueue:
         """Take the oldest queued job of these tags, or one whose worker's lease ran out."""
         if not tags:
             return None
-        now = time.time()
         lock = " FOR UPDATE SKIP LOCKED" if isinstance(self.db, PostgresDatabase) else ""
         marks = ",".join("?" * len(tags))
-        rows = self.db.query(
-            f"""UPDATE jobs SET status='running', worker=?, worker_group=?, attempts=attempts+1,
-                   lease_until=?
-               WHERE id = (SELECT id FROM jobs
-                           WHERE (status='queued' OR (status='running' AND lease_until < ?))
-                             AND tag IN ({marks})
-                           ORDER BY created LIMIT 1{lock})
-               RETURNING id, language, script, env, timeout, workspace, attempts""",
-            (worker, group, now + lease, now, *tags),
-        )
-        if not rows:
-            return None
-        job_id, language, script, env, timeout, workspace, attempts = rows[0]
-        if attempts > MAX_ATTEMPTS:
+        while True:
+            now = time.time()
+            rows = self.db.query(
+                f"""UPDATE jobs SET status='running', worker=?, worker_group=?,
+                       attempts=attempts+1, lease_until=?
+                   WHERE id = (SELECT id FROM jobs
+                               WHERE (status='queued' OR (status='running' AND lease_until < ?))
+                                 AND tag IN ({marks})
+                               ORDER BY created LIMIT 1{lock})
+                   RETURNING id, language, script, env, timeout, workspace, attempts""",
+                (worker, group, now + lease, now, *tags),
+            )
+            if not rows:
+                return None
+            job_id, language, script, env, timeout, workspace, attempts = rows[0]
+            if attempts <= MAX_ATTEMPTS:
+                return JobSpec(job_id, language, script, json.loads(env), timeout, workspace)
             why = (
                 f"abandoned after {attempts - 1} attempts whose workers died or could not "
                 f"report a result"
             )
             self.complete(JobResult(job_id, "none", "error", None, 0.0, "", why, [why]), worker)
-            return self.claim(worker, lease, tags, group)
-        return JobSpec(job_id, language, script, json.loads(env), timeout, workspace)
 
     def renew(self, job_id: str, worker: str, lease: float) -> bool:
         """Extend the lease; False when the job is no longer this worker's."""

@@ -205,11 +205,7 @@ class Worker:
                 return
             except Exception as exc:
                 status = getattr(exc, "status", 0)
-                if (
-                    400 <= status < 500
-                    and status not in (401, 403)
-                    and result.stdout + result.stderr
-                ):
+                if status in (413, 422) and result.stdout + result.stderr:
                     # the server will never take this record: report that instead, once
                     log.error("job %s: the server refused the result: %s", result.job_id, exc)
                     why = f"error: the server refused the job's result ({exc})"
@@ -290,20 +286,23 @@ class Worker:
         def keep_lease() -> None:
             renewed = time.monotonic()
             while not finished.wait(CANCEL_POLL_SECONDS):
-                self._heartbeat()  # a busy worker still serves its tags
-                try:
-                    if self.queue.cancel_requested(spec.id):
-                        cancel.set()
-                    if time.monotonic() - renewed > self.lease / 3:
+                if time.monotonic() - renewed > self.lease / 3:  # the lease first
+                    try:
                         if not self.queue.renew(spec.id, self.name, self.lease):
                             log.error("job %s: lease lost (taken over); stopping it", spec.id)
                             cancel.set()
                         renewed = time.monotonic()
-                except Exception as exc:  # keep the job running while the lease may hold
-                    log.warning("job %s: cannot reach the queue to renew: %s", spec.id, exc)
-                    if time.monotonic() - renewed > self.lease:
-                        log.error("job %s: lease expired unrenewed; stopping it", spec.id)
+                    except Exception as exc:  # keep the job running while the lease may hold
+                        log.warning("job %s: cannot reach the queue to renew: %s", spec.id, exc)
+                        if time.monotonic() - renewed > self.lease:
+                            log.error("job %s: lease expired unrenewed; stopping it", spec.id)
+                            cancel.set()
+                try:
+                    if self.queue.cancel_requested(spec.id):
                         cancel.set()
+                except Exception as exc:
+                    log.warning("job %s: cannot ask the queue for a cancel: %s", spec.id, exc)
+                self._heartbeat()  # a busy worker still serves its tags
 
         keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)
         keeper.start()

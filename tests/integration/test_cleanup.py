@@ -158,3 +158,21 @@ def test_nsjail_cgroups_are_removed(
         assert [d for d in dirs if d.exists()] == []
     finally:
         tidy_cgroups(dirs)
+
+
+@pytest.mark.req("R-JOB-3")
+def test_a_retry_after_a_reboot_clears_the_old_directory_and_runs(tmp_path: Path) -> None:
+    """Cgroups reset, the state dir kept: the old attempt's directory must not fail the job."""
+    from runtime.executor import JobRunner, JobSpec
+    from runtime.settings import Settings
+    from runtime.startup import probe_host
+
+    settings = Settings.from_env({"ORVANTA_STATE_DIR": str(tmp_path / "state")})
+    runner = JobRunner(settings, probe_host(settings))
+    leftover = runner.jobs_dir / "rebootedjob00001" / "job"
+    leftover.mkdir(parents=True)
+    (leftover / "main.sh").write_text("old attempt\n")
+    result = runner.run(JobSpec("rebootedjob00001", "bash", "echo fresh\n"))
+    assert (result.status, result.stdout) == ("success", "fresh\n"), result
+    assert any(line.startswith("retry: removed") for line in result.log), result.log
+    assert not (runner.jobs_dir / "rebootedjob00001").exists()

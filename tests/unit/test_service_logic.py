@@ -147,6 +147,10 @@ def test_passwords_are_redacted() -> None:
         "postgresql://h/db?sslmode=off&password=***"
     )
     assert redact("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
+    # libpq takes these unencoded; a URL parser would leave them visible or raise
+    assert redact("postgresql://u:pa?ss@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u:p[a]s#s@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
 @pytest.mark.req("R-GRP-1")
