@@ -146,7 +146,10 @@ class CellSession:
             scratch_postgres("orvanta_cell", password=self.canaries.secret)
         )
         self._database_url = url
-        self.service = Service.start(url, self.root / "server")
+        # `server: unix` (agents in containers with no network): the socket lies in the cell
+        # root, which the container mounts at the same path
+        unix = self.matrix.platforms[self.cell.platform].get("server") == "unix"
+        self.service = Service.start(url, self.root / "srv", unix_socket=unix)
         self._cleanup.callback(self.service.stop)
         token = self.service.create_group("cell", [self.tag])
         self.service.create_group("other", ["other"])

@@ -15,9 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +89,28 @@ def scratch_postgres(prefix: str = "orvanta_t", password: str | None = None) -> 
                 admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(db))
 
 
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def _raw_request(url: str, method: str, path: str, token: str, raw: bytes) -> tuple[int, bytes]:
+    """A request whose body is sent as given (malformed JSON, for the 4xx tests)."""
+    from runtime.agent import connection
+
+    conn = connection(url)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    try:
+        conn.request(method, path, body=raw, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -108,10 +128,19 @@ class Service:
     log: Path
 
     @classmethod
-    def start(cls, database_url: str, workdir: Path, env: dict[str, str] | None = None) -> Service:
+    def start(
+        cls,
+        database_url: str,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        unix_socket: bool = False,
+    ) -> Service:
+        """The server on a free loopback port, or (unix_socket) on WORKDIR/api.sock."""
         workdir.mkdir(parents=True, exist_ok=True)
         token = f"admin-{secrets.token_hex(16)}"
         port = free_port()
+        sock = workdir / "api.sock"
+        where = ["--uds", str(sock)] if unix_socket else ["--port", str(port)]
         log = workdir / "server.log"
         full_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -123,14 +152,15 @@ class Service:
         }
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.cli", "server", "--port", str(port)],
+                [sys.executable, "-m", "runtime.cli", "server", *where],
                 env=full_env,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        service = cls(f"http://127.0.0.1:{port}", token, proc, log)
+        url = f"unix://{sock}" if unix_socket else f"http://127.0.0.1:{port}"
+        service = cls(url, token, proc, log)
         service.wait_ready()
         return service
 
@@ -157,17 +187,15 @@ class Service:
         raw: bytes | None = None,
     ) -> tuple[int, Any]:
         """(status, decoded JSON or text); `token=""` sends no Authorization header."""
+        from runtime.agent import request
+
         token = self.admin_token if token is None else token
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                status, text = response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            status, text = exc.code, exc.read().decode(errors="replace")
+        payload = json.loads(raw) if raw is not None and _is_json(raw) else body
+        if raw is not None and not _is_json(raw):
+            status, data = _raw_request(self.url, method, path, token, raw)
+        else:
+            status, data = request(self.url, method, path, token, payload)
+        text = data.decode(errors="replace")
         try:
             return status, json.loads(text) if text else None
         except ValueError:

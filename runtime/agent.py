@@ -4,14 +4,19 @@ An agent (MODE=agent) holds no database credentials (R-AGT-1). It claims jobs,
 keeps their lease, reads job_isolation and pushes results through
 /api/agent/*, and the server lets its token see only its own group's jobs
 (R-AGT-2). Standard library only, so an agent image needs nothing more.
+
+The server is reached over TCP (http://, https://) or a unix socket
+(unix:///path/api.sock): a container with no network at all can still be an
+agent when the server's socket is mounted into it.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
-import urllib.error
-import urllib.request
+import socket
+import urllib.parse
 from typing import Any
 
 from runtime.executor import JobResult, JobSpec
@@ -30,6 +35,48 @@ class AgentAPIError(RuntimeError):
         super().__init__(f"server answered {status}: {detail}")
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket: the server's `--uds` path."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+def connection(server_url: str, timeout: float = REQUEST_TIMEOUT) -> http.client.HTTPConnection:
+    """A connection to the server at http://HOST:PORT, https://... or unix:///PATH."""
+    parts = urllib.parse.urlsplit(server_url)
+    if parts.scheme == "unix":
+        return UnixHTTPConnection(parts.path, timeout)
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(parts.netloc, timeout=timeout)
+    return http.client.HTTPConnection(parts.netloc, timeout=timeout)
+
+
+def request(
+    server_url: str, method: str, path: str, token: str, body: Any = None
+) -> tuple[int, bytes]:
+    """One API call: (status, body). Connection errors raise OSError."""
+    prefix = "" if server_url.startswith("unix:") else urllib.parse.urlsplit(server_url).path
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    conn = connection(server_url)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, prefix.rstrip("/") + path, body=data, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 class AgentClient:
     def __init__(self, server_url: str, token: str) -> None:
         self.base = server_url.rstrip("/")
@@ -37,19 +84,10 @@ class AgentClient:
         self._token = token
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.base + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self._token}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:500]
-            raise AgentAPIError(exc.code, detail) from None
+        status, data = request(self.base, method, path, self._token, body)
+        if status >= 400:
+            raise AgentAPIError(status, data.decode(errors="replace")[:500])
+        return json.loads(data or b"null")
 
     def whoami(self) -> dict[str, Any]:
         """The group this token belongs to; fails fast on a bad token or an unreachable server."""

@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--host", default="127.0.0.1", help="address to listen on")
     server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--uds", default=None, help="listen on this unix socket instead")
     server.set_defaults(func=cmd_server)
 
     groups = sub.add_parser("groups", help="list worker groups or create one (prints its token)")
@@ -203,7 +204,7 @@ def cmd_server(args: argparse.Namespace, settings: Settings) -> int:
             "a secret of at least 16 characters",
             "The server needs it to authenticate admins; generate one with: openssl rand -hex 24",
         )
-    serve(_queue(settings), token, args.host, args.port)
+    serve(_queue(settings), token, args.host, args.port, args.uds)
     return 0
 
 

@@ -377,10 +377,14 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
     return app
 
 
-def serve(queue: JobQueue, admin_token: str, host: str, port: int) -> None:
+def serve(queue: JobQueue, admin_token: str, host: str, port: int, uds: str | None = None) -> None:
+    """Serve on HOST:PORT, or on a unix socket (`uds`) for agents with no network at all."""
     import uvicorn
 
-    log.info(
-        "server: queue in %s (%s), listening on http://%s:%d", queue.path, queue.db.kind, host, port
-    )
-    uvicorn.run(create_app(queue, admin_token), host=host, port=port, log_level="warning")
+    where = f"unix://{uds}" if uds else f"http://{host}:{port}"
+    log.info("server: queue in %s (%s), listening on %s", queue.path, queue.db.kind, where)
+    app = create_app(queue, admin_token)
+    if uds:
+        uvicorn.run(app, uds=uds, log_level="warning")
+    else:
+        uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -146,11 +146,11 @@ def _check_agent(database_url: str | None, server_url: str | None, token: str | 
             "An agent worker must hold no database credentials (R-AGT-1): remove DATABASE_URL "
             "and give ORVANTA_SERVER_URL and ORVANTA_AGENT_TOKEN instead.",
         )
-    if not server_url or not server_url.startswith(("http://", "https://")):
+    if not server_url or not server_url.startswith(("http://", "https://", "unix:///")):
         raise SettingsError(
             "ORVANTA_SERVER_URL",
             server_url or "",
-            "the server's base URL, http://HOST:PORT or https://...",
+            "the server's base URL: http://HOST:PORT, https://... or unix:///PATH/TO/SOCKET",
             "MODE=agent pulls jobs only through the server's API.",
         )
     if not token:

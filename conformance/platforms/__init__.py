@@ -82,7 +82,9 @@ def unavailable(name: str, options: dict[str, Any]) -> str | None:
     if driver_of(name, options) == "docker":
         from conformance.platforms.docker import engine_problem
 
-        return engine_problem()
+        problem = engine_problem()
+        if problem:
+            return problem
     if options.get("mode") == "agent":  # the server under test keeps its queue in PostgreSQL
         from conformance.service import postgres_unavailable
 

@@ -326,3 +326,22 @@ def test_a_worker_outlives_a_dropped_database_connection(
     assert job_id is not None, "the server did not reconnect"
     assert service.wait(job_id)["result"]["stdout"] == "\n"
     assert worker.proc.poll() is None
+
+
+@pytest.mark.req("R-AGT-1")
+def test_an_agent_reaches_a_server_on_a_unix_socket(
+    database_url: str, spawn_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """For agents with no network at all (a container with network none and the socket mounted)."""
+    service = Service.start(database_url, tmp_path / "uds", unix_socket=True)
+    try:
+        assert service.url == f"unix://{tmp_path / 'uds' / 'api.sock'}"
+        token = service.create_group("sock", ["sock"])
+        spawn_worker(
+            "agent-uds",
+            {"MODE": "agent", "ORVANTA_SERVER_URL": service.url, "ORVANTA_AGENT_TOKEN": token},
+        )
+        job = service.wait(service.submit("echo over the socket", language="bash", tag="sock"))
+        assert job["result"]["stdout"] == "over the socket\n" and job["worker"] == "sock/agent-uds"
+    finally:
+        service.stop()
