@@ -62,8 +62,8 @@ def test_quickstart_audit_passes_and_writes_four_files_in_time(
     code, output, seconds, out = quickstart
     assert code == 0, output[-4000:]
     assert [f for f in FILES if not (out / f).is_file()] == []
-    # 60 s standalone (README); here it shares 2 cores with the rest of the suite
-    assert seconds < 150, f"the audit took {seconds:.1f}s"
+    # 66 s standalone (README); here it shares 2 cores with the rest of the suite (~2x)
+    assert seconds < 200, f"the audit took {seconds:.1f}s"
     assert "isolation comparison: documented -> measured" in output
     assert re.search(
         r"\[\s*\d+\.\ds\] passed\s+test_probe\[host/none/default-proc_environ\]", output
