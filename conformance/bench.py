@@ -103,13 +103,7 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
                 check=True,
             )
 
-        for _ in range(3):  # warm caches and the page cache for both
-            through_runtime()
-            through_raw()
-        runtime_s, raw_s = [], []
-        for _ in range(runs):
-            runtime_s.append(_timed(through_runtime))
-            raw_s.append(_timed(through_raw))
+        runtime_s, raw_s = _interleaved(through_runtime, through_raw, runs)
     runtime_ms, raw_ms = _stats(runtime_s), _stats(raw_s)
     return {
         "backend": backend,
@@ -158,13 +152,7 @@ def floor(runs: int) -> dict[str, Any]:
             if cgroup is not None:
                 cgroup.remove()
 
-        for _ in range(3):
-            bare()
-            guarded()
-        bare_s, guarded_s = [], []
-        for _ in range(runs):
-            bare_s.append(_timed(bare))
-            guarded_s.append(_timed(guarded))
+        guarded_s, bare_s = _interleaved(guarded, bare, runs)
     raw_ms, guarded_ms = _stats(bare_s), _stats(guarded_s)
     return {
         "raw_ms": raw_ms,
@@ -290,6 +278,20 @@ def markdown(results: dict[str, Any]) -> str:
             f"{t['share']:.0%} |"
         )
     return "\n".join(lines)
+
+
+def _interleaved(
+    first: Callable[[], None], second: Callable[[], None], runs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of each, alternating so that machine noise hits both alike."""
+    for _ in range(3):  # warm caches and the page cache for both
+        first()
+        second()
+    first_s, second_s = [], []
+    for _ in range(runs):
+        first_s.append(_timed(first))
+        second_s.append(_timed(second))
+    return first_s, second_s
 
 
 def _timed(fn: Callable[[], None]) -> float:

@@ -89,28 +89,6 @@ def scratch_postgres(prefix: str = "orvanta_t", password: str | None = None) -> 
                 admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(db))
 
 
-def _is_json(raw: bytes) -> bool:
-    try:
-        json.loads(raw)
-    except ValueError:
-        return False
-    return True
-
-
-def _raw_request(url: str, method: str, path: str, token: str, raw: bytes) -> tuple[int, bytes]:
-    """A request whose body is sent as given (malformed JSON, for the 4xx tests)."""
-    from runtime.agent import connection
-
-    conn = connection(url)
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-    try:
-        conn.request(method, path, body=raw, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -190,11 +168,7 @@ class Service:
         from runtime.agent import request
 
         token = self.admin_token if token is None else token
-        payload = json.loads(raw) if raw is not None and _is_json(raw) else body
-        if raw is not None and not _is_json(raw):
-            status, data = _raw_request(self.url, method, path, token, raw)
-        else:
-            status, data = request(self.url, method, path, token, payload)
+        status, data = request(self.url, method, path, token, raw if raw is not None else body)
         text = data.decode(errors="replace")
         try:
             return status, json.loads(text) if text else None

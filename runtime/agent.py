@@ -62,14 +62,14 @@ def connection(server_url: str, timeout: float = REQUEST_TIMEOUT) -> http.client
 def request(
     server_url: str, method: str, path: str, token: str, body: Any = None
 ) -> tuple[int, bytes]:
-    """One API call: (status, body). Connection errors raise OSError."""
+    """One API call: (status, body); a bytes body is sent as it is. Errors raise OSError."""
     prefix = "" if server_url.startswith("unix:") else urllib.parse.urlsplit(server_url).path
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     conn = connection(server_url)
     try:
-        data = None if body is None else json.dumps(body).encode()
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         conn.request(method, prefix.rstrip("/") + path, body=data, headers=headers)
         response = conn.getresponse()
         return response.status, response.read()

@@ -24,7 +24,7 @@ from typing import Any
 from runtime import reaper
 from runtime.backends import PreparedJob, make_backend
 from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
-from runtime.languages import VOLUME_NAME, language, volume_annotations, wants_sandbox
+from runtime.languages import is_plain_name, language, volume_annotations, wants_sandbox
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities
@@ -167,7 +167,7 @@ class JobRunner:
         script = language(spec.language).filename
         if any(r.target == script for r in requests):
             raise ValueError(f"volume target {script!r} is the job's own script; name another")
-        if not VOLUME_NAME.match(spec.workspace) or ".." in spec.workspace:
+        if not is_plain_name(spec.workspace):
             raise ValueError(f"workspace {spec.workspace!r} is not a valid name for volumes")
         volumes = []
         for request in requests:

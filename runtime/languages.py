@@ -47,7 +47,14 @@ def guess_language(filename: str) -> str:
 
 _SANDBOX = re.compile(r"^(#|//)\s?sandbox\s*$")
 _VOLUME = re.compile(r"^(?:#|//)\s?volume:\s*(?P<spec>.*)$")
-VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Volumes, workspaces, tags and worker groups share one rule: a plain name, never a path.
+PLAIN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_PLAIN_NAME = re.compile(PLAIN_NAME_PATTERN)
+
+
+def is_plain_name(value: str) -> bool:
+    """1-63 letters, digits, '_', '.' or '-', starting with a letter or digit, no '..'."""
+    return bool(_PLAIN_NAME.match(value)) and ".." not in value
 
 
 def header_lines(script: str) -> list[str]:
@@ -97,7 +104,7 @@ def volume_annotations(script: str) -> list[VolumeRequest]:
             raise VolumeAnnotationError(line, "specification", match["spec"])
         name, target = parts[0], parts[-1]
         for what, value in (("name", name), ("target", target)):
-            if not VOLUME_NAME.match(value) or ".." in value:
+            if not is_plain_name(value):
                 raise VolumeAnnotationError(line, what, value)
         volumes.append(VolumeRequest(name, target))
     targets = [v.target for v in volumes]

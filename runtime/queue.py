@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import secrets
 import time
 import uuid
@@ -23,12 +22,12 @@ from typing import Any
 
 from runtime.database import PostgresDatabase, SqliteDatabase, connect
 from runtime.executor import JobResult, JobSpec
+from runtime.languages import is_plain_name
 
 DEFAULT_TAG = "default"
 DEFAULT_WORKSPACE = "default"
 WORKER_LIVE_SECONDS = 15.0  # a worker not seen for this long serves no tag
 MAX_ATTEMPTS = 5  # a job whose workers died (or could not report) this often fails for good
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -89,7 +88,7 @@ class InvalidNameError(ValueError):
 
 
 def check_name(what: str, value: str) -> str:
-    if not NAME.match(value) or ".." in value:
+    if not is_plain_name(value):
         raise InvalidNameError(what, value)
     return value
 
@@ -112,6 +111,16 @@ class QueuedJob:
 class WorkerGroup:
     name: str
     tags: tuple[str, ...]
+
+
+JOB_COLUMNS = (
+    "id, status, attempts, result, tag, workspace, worker, worker_group, created, finished"
+)
+
+
+def _queued_job(row: tuple[Any, ...]) -> QueuedJob:
+    result = JobResult(**json.loads(row[3])) if row[3] else None
+    return QueuedJob(row[0], row[1], row[2], result, *row[4:])
 
 
 def hash_token(token: str) -> str:
@@ -245,23 +254,17 @@ class JobQueue:
         return changed == 1
 
     def get(self, job_id: str) -> QueuedJob | None:
-        rows = self.db.query(
-            "SELECT id, status, attempts, result, tag, workspace, worker, worker_group, created, "
-            "finished FROM jobs WHERE id=?",
-            (job_id,),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        result = JobResult(**json.loads(row[3])) if row[3] else None
-        return QueuedJob(row[0], row[1], row[2], result, *row[4:])
+        rows = self.db.query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,))
+        return _queued_job(rows[0]) if rows else None
 
     def jobs(self, status: str | None = None, limit: int = 100) -> list[QueuedJob]:
+        """The newest jobs (of one status), in one query."""
         where, params = ("WHERE status=?", [status]) if status else ("", [])
         rows = self.db.query(
-            f"SELECT id FROM jobs {where} ORDER BY created DESC LIMIT ?", (*params, limit)
+            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created DESC LIMIT ?",
+            (*params, limit),
         )
-        return [job for (job_id,) in rows if (job := self.get(job_id)) is not None]
+        return [_queued_job(row) for row in rows]
 
     def wait(self, job_id: str, timeout: float, poll: float = 0.02) -> QueuedJob:
         """Block until the job is done; TimeoutError naming the job and its state otherwise."""
@@ -303,9 +306,13 @@ class JobQueue:
             for n, m, g, t, s in rows
         ]
 
-    def waiting_reason(self, tag: str) -> str | None:
+    def served_tags(self) -> set[str]:
+        """The tags some live worker serves."""
+        return {tag for worker in self.live_workers() for tag in worker["tags"]}
+
+    def waiting_reason(self, tag: str, served: set[str] | None = None) -> str | None:
         """Why a job of this tag would wait forever: no live worker serves it."""
-        if any(tag in w["tags"] for w in self.live_workers()):
+        if tag in (self.served_tags() if served is None else served):
             return None
         return (
             f"no live worker serves tag {tag!r} (none seen in the last "

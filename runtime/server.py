@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from runtime.executor import JobResult
+from runtime.languages import PLAIN_NAME_PATTERN, is_plain_name
 from runtime.queue import JobQueue, QueuedJob, WorkerGroup
 
 log = logging.getLogger("orvanta.server")
@@ -32,7 +33,6 @@ MAX_ENV_VALUE_CHARS = 32 << 10
 MAX_TIMEOUT_SECONDS = 86400.0
 MAX_OUTPUT_CHARS = 256 << 20  # per stream; far above any sane ORVANTA_OUTPUT_LIMIT
 MAX_LEASE_SECONDS = 86400.0
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
@@ -48,13 +48,22 @@ def _storable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_storable)]
-Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+
+
+def _plain(name: str) -> str:
+    if not is_plain_name(name):
+        raise ValueError("must not contain '..' (a name, not a path)")
+    return name
+
+
+# the pattern documents the rule in the OpenAPI spec; the validator adds what a regex here cannot
+Name = Annotated[str, StringConstraints(pattern=PLAIN_NAME_PATTERN), AfterValidator(_plain)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
 EnvValue = Annotated[Text, StringConstraints(max_length=MAX_ENV_VALUE_CHARS)]
 Language = Literal["bash", "python3"]  # = runtime.languages.LANGUAGES (a unit test checks)
 Isolation = Literal["none", "nsjail_sandboxing"]  # = JOB_ISOLATION_VALUES (checked too)
 JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-PathName = Annotated[str, Path(pattern=NAME_PATTERN)]
+PathName = Annotated[str, Path(pattern=PLAIN_NAME_PATTERN)]
 
 
 class JobRequest(BaseModel):
@@ -163,7 +172,7 @@ class AgentWorker(BaseModel):
     worker: Name
 
 
-def _job_out(queue: JobQueue, job: QueuedJob) -> JobOut:
+def _job_out(queue: JobQueue, job: QueuedJob, served: set[str] | None = None) -> JobOut:
     result = None
     if job.result is not None:
         fields = job.result.to_dict()
@@ -179,7 +188,7 @@ def _job_out(queue: JobQueue, job: QueuedJob) -> JobOut:
         worker_group=job.worker_group,
         created=job.created,
         finished=job.finished,
-        waiting=queue.waiting_reason(job.tag) if job.status == "queued" else None,
+        waiting=queue.waiting_reason(job.tag, served) if job.status == "queued" else None,
         result=result,
     )
 
@@ -247,7 +256,8 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
         status: Literal["queued", "running", "done"] | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[JobOut]:
-        return [_job_out(queue, job) for job in queue.jobs(status, limit)]
+        served = queue.served_tags()  # once per listing, not once per job
+        return [_job_out(queue, job, served) for job in queue.jobs(status, limit)]
 
     @app.get("/api/jobs/{job_id}", dependencies=[Admin], responses={404: {}, **unauthorized})
     def get_job(job_id: JobId) -> JobOut:

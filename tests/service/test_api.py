@@ -241,6 +241,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/api/jobs", {"language": "bash", "script": "echo\u0000"}, 422, "NUL"),
     ("POST", "/api/jobs", {"language": "bash", "script": ""}, 422, "at least 1"),
     ("POST", "/api/jobs", {"language": "bash", "script": "x", "tag": "../etc"}, 422, "pattern"),
+    ("POST", "/api/jobs", {"language": "bash", "script": "x", "tag": "a..b"}, 422, "not a path"),
+    ("POST", "/api/groups", {"name": "g", "tags": ["x..y"]}, 422, "not a path"),
     ("POST", "/api/jobs", {"language": "bash", "script": "x", "timeout": -1}, 422, "greater"),
     ("POST", "/api/jobs", {"language": "bash", "script": "x", "env": {"1BAD": "v"}}, 422, "1BAD"),
     ("POST", "/api/jobs", {"script": "x"}, 422, "language"),
