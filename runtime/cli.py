@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from runtime.executor import JobResult, JobSpec
 from runtime.languages import LANGUAGES, UnknownLanguageError, guess_language
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("orvanta")
 
 EXIT_STARTUP = 2  # the worker refused to start (configuration or host cannot isolate)
+EXIT_INPUT = 2  # `run` / `submit` refused the job (runtime.submission), as argparse does
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,23 +122,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse(message: str) -> NoReturn:
+    """An input error of `run` or `submit`: one line on stderr, exit 2, no traceback."""
+    sys.stderr.write(f"orvanta: {message}\n")
+    raise SystemExit(EXIT_INPUT)
+
+
 def _job(args: argparse.Namespace) -> tuple[str, str, dict[str, str]]:
+    """The job the command line names, checked as the queue checks it (runtime.submission)."""
+    from runtime.submission import SubmissionError, validate_job
+
     if str(args.file) == "-":
-        script, lang = sys.stdin.read(), args.lang
+        lang = args.lang
         if lang is None:
             raise UnknownLanguageError("- (standard input): give --lang")
+        try:
+            script = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            _refuse(f"cannot read the script from standard input: not UTF-8 text ({exc.reason})")
     else:
         try:
-            script = args.file.read_text()
+            script = args.file.read_text(encoding="utf-8")
         except OSError as exc:
-            raise SystemExit(f"orvanta: cannot read script {args.file}: {exc.strerror}") from None
+            _refuse(f"cannot read script {args.file}: {exc.strerror}")
+        except UnicodeDecodeError as exc:
+            _refuse(f"cannot read script {args.file}: not UTF-8 text ({exc.reason})")
         lang = args.lang or guess_language(args.file.name)
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"orvanta: --env {item!r} is not KEY=VALUE")
+            _refuse(f"--env {item[:64]!r} is not KEY=VALUE")
         env[key] = value
+    try:
+        validate_job(lang, script, env)
+    except SubmissionError as exc:
+        _refuse(str(exc))
     return lang, script, env
 
 
@@ -246,8 +266,8 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     queue = _queue(settings)
     try:
         job_id = queue.submit(lang, script, env, args.timeout, args.tag, args.workspace)
-    except ValueError as exc:
-        raise SystemExit(f"orvanta: {exc}") from None
+    except ValueError as exc:  # a bad tag or workspace; the job itself was checked by _job
+        _refuse(str(exc))
     waiting = queue.waiting_reason(args.tag)
     if waiting:
         log.warning("job %s: %s", job_id, waiting)

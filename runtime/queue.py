@@ -23,6 +23,7 @@ from typing import Any
 from runtime.database import PostgresDatabase, SqliteDatabase, connect
 from runtime.executor import JobResult, JobSpec
 from runtime.languages import is_plain_name
+from runtime.submission import validate_job
 
 DEFAULT_TAG = "default"
 DEFAULT_WORKSPACE = "default"
@@ -169,6 +170,8 @@ class JobQueue:
         tag: str = DEFAULT_TAG,
         workspace: str = DEFAULT_WORKSPACE,
     ) -> str:
+        """Queue a job; SubmissionError (runtime.submission) or InvalidNameError refuse it."""
+        validate_job(language, script, env or {})
         check_name("tag", tag)
         check_name("workspace", workspace)
         job_id = uuid.uuid4().hex[:16]

@@ -5,18 +5,42 @@ results and logs, manages worker groups and the job_isolation setting. An
 agent worker (MODE=agent) holds only its worker group's token: it can claim
 jobs of its group's tags and report on jobs its group holds, nothing else
 (R-AGT-1, R-AGT-2). Every client mistake is a 4xx with a message; input
-that the database could not store (NUL, lone surrogates) is refused up front.
+that the database could not store (NUL, lone surrogates) is refused up front,
+and a job is checked by the same rules as everywhere else (runtime.submission).
+
+Request limits (R-API-1, R-API-2):
+- A body over ORVANTA_MAX_REQUEST_BYTES is refused with 413 before it is
+  parsed or its token checked, on every endpoint: a Content-Length over the
+  limit is refused unread, a chunked body once the bytes streamed pass it.
+  Default: 6 MiB + 12 x ORVANTA_OUTPUT_LIMIT (18 MiB with the default 1 MiB
+  output limit). The largest legitimate bodies are a job (a 1 Mi-character
+  script and 128 variables of 32 Ki characters: 5 MiB of text plus framing)
+  and an agent's result: two streams of at most ORVANTA_OUTPUT_LIMIT bytes of
+  output each, and JSON spends at most 6 bytes on one byte of output (a
+  control byte or an invalid one, U+FFFD, becomes a \\uXXXX escape).
+- A 422 never echoes a large input: `input` values over 200 characters are
+  dropped from the error list, and long parts of `loc` (a huge variable name)
+  are cut.
+- An agent's result is capped like a worker's own output (runtime.executor's
+  _Capped): each stream keeps its first ORVANTA_OUTPUT_LIMIT characters and
+  gets the same "[output truncated: N more bytes dropped]" note, plus a line in
+  the job's log. Truncated, not refused: the job ran, and its result is kept.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime,
 # and the dependency aliases below are local to create_app.
 import hmac
+import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
@@ -24,26 +48,190 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 from runtime.executor import JobResult
 from runtime.languages import PLAIN_NAME_PATTERN, is_plain_name
 from runtime.queue import JobQueue, QueuedJob, WorkerGroup
+from runtime.settings import positive_int
+from runtime.submission import (
+    ENV_NAME_PATTERN,
+    MAX_ENV_VALUE_CHARS,
+    MAX_ENV_VARS,
+    MAX_SCRIPT_CHARS,
+    storable_problem,
+)
 
 log = logging.getLogger("orvanta.server")
 
-MAX_SCRIPT_CHARS = 1 << 20
-MAX_ENV_VARS = 128
-MAX_ENV_VALUE_CHARS = 32 << 10
 MAX_TIMEOUT_SECONDS = 86400.0
-MAX_OUTPUT_CHARS = 256 << 20  # per stream; far above any sane ORVANTA_OUTPUT_LIMIT
+MAX_OUTPUT_CHARS = 256 << 20  # per stream, a bound for validation; the real cap is output_limit
 MAX_LEASE_SECONDS = 86400.0
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+DEFAULT_OUTPUT_LIMIT = 1 << 20  # = runtime.settings.Settings.output_limit
+MAX_ECHOED_INPUT_CHARS = 200
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """How much one request may carry and how much of an agent's output is kept."""
+
+    max_request_bytes: int
+    output_limit: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerLimits":
+        env = os.environ if env is None else env
+        output_limit = positive_int(env, "ORVANTA_OUTPUT_LIMIT", DEFAULT_OUTPUT_LIMIT, "bytes")
+        default = (6 << 20) + 12 * output_limit  # see the module docstring
+        return cls(positive_int(env, "ORVANTA_MAX_REQUEST_BYTES", default, "bytes"), output_limit)
+
+
+class BodyLimit:
+    """Refuses a body over `limit` bytes with 413 before the app, and so its token check, runs.
+
+    A pure ASGI middleware: a declared Content-Length over the limit is refused
+    unread; any other body is read here, counting the bytes as they stream in
+    (chunked transfers have no length), and handed to the app only when it fits.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = None
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+        if declared is not None and declared > self.limit:
+            await self._refuse(scope, send, declared)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body was complete
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                chunks.clear()
+                await self._refuse(scope, send, None)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        chunks.clear()
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send, declared: int | None) -> None:
+        size = f"{declared} bytes" if declared is not None else "a streamed body"
+        log.warning(
+            "%s %s: refused %s over ORVANTA_MAX_REQUEST_BYTES=%d",
+            scope.get("method"),
+            scope.get("path"),
+            size,
+            self.limit,
+        )
+        body = json.dumps(
+            {
+                "detail": f"request body too large: {size} over the server's limit of "
+                f"{self.limit} bytes (ORVANTA_MAX_REQUEST_BYTES)"
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                # No `connection: close`: the server discards the rest of the body unread and
+                # unbuffered, so a client that sends it all before reading (http.client, the
+                # agent) still gets this answer instead of a reset connection.
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _small(value: Any, budget: int = MAX_ECHOED_INPUT_CHARS) -> bool:
+    """True when `value` is short enough to echo: its text parts fit in `budget` characters."""
+
+    def size(item: Any, left: int) -> int:
+        if isinstance(item, str | bytes):
+            return len(item)
+        if isinstance(item, Mapping):
+            total = 0
+            for key, inner in item.items():
+                total += size(key, left - total) + size(inner, left - total)
+                if total > left:
+                    break
+            return total
+        if isinstance(item, list | tuple | set):
+            total = 0
+            for inner in item:
+                total += size(inner, left - total) + 1
+                if total > left:
+                    break
+            return total
+        return 8
+
+    return size(value, budget) <= budget
+
+
+def _cut(part: Any) -> Any:
+    if isinstance(part, str) and len(part) > MAX_ECHOED_INPUT_CHARS:
+        return f"{part[:64]}... ({len(part)} characters)"
+    return part
+
+
+def quiet_errors(errors: Any) -> list[dict[str, Any]]:
+    """Validation errors without large inputs: a 422 never echoes what it refused (R-API-1)."""
+    quiet = []
+    for error in errors:
+        error = dict(error)
+        if "input" in error and not _small(error["input"]):
+            del error["input"]
+        error["loc"] = [_cut(part) for part in error.get("loc", ())]
+        quiet.append(error)
+    return quiet
+
+
+def cap_output(text: str, limit: int) -> tuple[str, int]:
+    """At most `limit` characters of an agent's stream, noted as the executor notes its own cap.
+
+    Returns the kept text and how many UTF-8 bytes were dropped (0: unchanged).
+    A stream a worker capped itself (`limit` characters and its own note) passes.
+    """
+    if len(text) <= limit + 100:  # room for the agent's own truncation note
+        return text, 0
+    dropped = len(text[limit:].encode("utf-8", "surrogatepass"))
+    return text[:limit] + f"\n[output truncated: {dropped} more bytes dropped]\n", dropped
 
 
 def _storable(text: str) -> str:
     """Text both databases can store: no NUL, valid UTF-8 (no lone surrogates)."""
-    if "\x00" in text:
-        raise ValueError("must not contain NUL characters")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    problem = storable_problem(text)
+    if problem:
+        raise ValueError(f"must be storable: it {problem}")
     return text
 
 
@@ -56,7 +244,7 @@ def _plain(name: str) -> str:
     return name
 
 
-# the pattern documents the rule in the OpenAPI spec; the validator adds what a regex here cannot
+# the patterns document the rules in the OpenAPI spec; runtime.submission checks the job whole
 Name = Annotated[str, StringConstraints(pattern=PLAIN_NAME_PATTERN), AfterValidator(_plain)]
 EnvName = Annotated[str, StringConstraints(pattern=ENV_NAME_PATTERN)]
 EnvValue = Annotated[Text, StringConstraints(max_length=MAX_ENV_VALUE_CHARS)]
@@ -193,13 +381,18 @@ def _job_out(queue: JobQueue, job: QueuedJob, served: set[str] | None = None) ->
     )
 
 
-def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
-    """The API over one queue; the admin token is compared in constant time."""
+def create_app(queue: JobQueue, admin_token: str, limits: ServerLimits | None = None) -> FastAPI:
+    """The API over one queue; the admin token is compared in constant time.
+
+    `limits` default to the environment (ORVANTA_MAX_REQUEST_BYTES, ORVANTA_OUTPUT_LIMIT).
+    """
+    limits = limits or ServerLimits.from_env()
     app = FastAPI(
         title="Orvanta job service",
         version="0.1.0",
         description=__doc__,
     )
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
     bearer = HTTPBearer(auto_error=False)
     Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     unauthorized: dict[int | str, dict[str, Any]] = {
@@ -231,6 +424,11 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = quiet_errors(exc.errors())
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s %s failed", request.method, request.url.path)
@@ -243,9 +441,12 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
     # -- admin: jobs -------------------------------------------------------------------
     @app.post("/api/jobs", status_code=201, dependencies=[Admin], responses=unauthorized)
     def submit(job: JobRequest) -> JobCreated:
-        job_id = queue.submit(
-            job.language, job.script, job.env, job.timeout, job.tag, job.workspace
-        )
+        try:
+            job_id = queue.submit(
+                job.language, job.script, job.env, job.timeout, job.tag, job.workspace
+            )
+        except ValueError as exc:  # SubmissionError: a refused variable, a bad header, ...
+            raise HTTPException(422, str(exc)) from None
         waiting = queue.waiting_reason(job.tag)
         if waiting:
             log.warning("job %s: %s", job_id, waiting)
@@ -376,6 +577,16 @@ def create_app(queue: JobQueue, admin_token: str) -> FastAPI:
     @app.post("/api/agent/jobs/{job_id}/result", responses=unauthorized)
     def agent_result(job_id: JobId, body: AgentResult, group: Group) -> dict[str, bool]:
         result = JobResult(job_id=job_id, **body.result.model_dump())
+        for stream in ("stdout", "stderr"):  # capped like a worker's own output (R-API-2)
+            text, dropped = cap_output(getattr(result, stream), limits.output_limit)
+            if dropped:
+                setattr(result, stream, text)
+                note = (
+                    f"{stream} truncated by the server at {limits.output_limit} characters "
+                    f"({dropped} bytes dropped; ORVANTA_OUTPUT_LIMIT)"
+                )
+                result.log.append(note)
+                log.warning("job %s: %s", job_id, note)
         return {"recorded": queue.complete(result, qualified(group, body.worker))}
 
     @app.get("/api/agent/settings/{key}", responses={404: {}, **unauthorized})
@@ -392,8 +603,15 @@ def serve(queue: JobQueue, admin_token: str, host: str, port: int, uds: str | No
     import uvicorn
 
     where = f"unix://{uds}" if uds else f"http://{host}:{port}"
+    limits = ServerLimits.from_env()
     log.info("server: queue in %s (%s), listening on %s", queue.path, queue.db.kind, where)
-    app = create_app(queue, admin_token)
+    log.info(
+        "server: request bodies up to %d bytes (ORVANTA_MAX_REQUEST_BYTES), agent output "
+        "capped at %d characters per stream (ORVANTA_OUTPUT_LIMIT)",
+        limits.max_request_bytes,
+        limits.output_limit,
+    )
+    app = create_app(queue, admin_token, limits)
     if uds:
         uvicorn.run(app, uds=uds, log_level="warning")
     else:

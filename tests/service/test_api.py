@@ -221,18 +221,25 @@ def test_a_volume_keeps_files_across_jobs_of_its_workspace_only(
 
 
 @pytest.mark.req("R-ANN-4")
-@pytest.mark.parametrize(
-    "header",
-    ["# volume: ../../etc", "# volume: cache /etc", "# volume: a/b", "# volume: c main.py"],
-)
-def test_a_volume_name_that_is_a_path_is_refused(
-    service: Service, normal_worker: Callable[..., WorkerProcess], header: str
+@pytest.mark.parametrize("header", ["# volume: ../../etc", "# volume: cache /etc", "# volume: a/b"])
+def test_a_volume_name_that_is_a_path_is_refused(service: Service, header: str) -> None:
+    """Refused at submission: the header is read by the same parser as on the worker."""
+    status, answer = service.call(
+        "POST", "/api/jobs", {"language": "python3", "script": f"{header}\nprint('ran')\n"}
+    )
+    assert status == 422, answer
+    assert "is not valid" in answer["detail"] and "a name, not a path" in answer["detail"]
+
+
+@pytest.mark.req("R-ANN-4")
+def test_a_volume_over_the_script_fails_the_job(
+    service: Service, normal_worker: Callable[..., WorkerProcess]
 ) -> None:
+    """Only the worker knows the script's file name: this one is refused when the job runs."""
     normal_worker()
-    job = service.wait(service.submit(f"{header}\nprint('ran')\n"))
+    job = service.wait(service.submit("# volume: c main.py\nprint('ran')\n"))
     assert job["result"]["status"] == "error" and job["result"]["stdout"] == "", job
-    stderr = job["result"]["stderr"]
-    assert ("is not valid" in stderr and "a name, not a path" in stderr) or "own script" in stderr
+    assert "own script" in job["result"]["stderr"]
 
 
 BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
@@ -347,3 +354,264 @@ def test_an_agent_reaches_a_server_on_a_unix_socket(
         assert job["result"]["stdout"] == "over the socket\n" and job["worker"] == "sock/agent-uds"
     finally:
         service.stop()
+
+
+# -- submission rules (runtime.submission) and request limits (R-API-1, R-API-2) -----------
+MiB = 1 << 20
+
+
+def test_a_refused_job_variable_is_a_422_and_an_ordinary_one_is_accepted(
+    service: Service,
+) -> None:
+    job = {"language": "bash", "script": "echo hi"}
+    status, answer = service.call("POST", "/api/jobs", {**job, "env": {"LD_PRELOAD": "/x.so"}})
+    assert status == 422, answer
+    assert answer["detail"].startswith("job variable 'LD_PRELOAD' is refused: ")
+    assert "runtime.submission.REFUSED_NAMES" in answer["detail"]
+    assert "/x.so" not in json.dumps(answer)
+    for env in ({"ld_preload": "/x.so"}, {"MALLOC_CHECK_": "3"}, {"TMPDIR": "/tmp"}):
+        assert service.call("POST", "/api/jobs", {**job, "env": env})[0] == 422, env
+    status, created = service.call("POST", "/api/jobs", {**job, "env": {"MY_VAR": "1"}})
+    assert status == 201, created
+    assert service.call("GET", "/api/jobs?status=queued")[1][0]["id"] == created["id"]
+
+
+@pytest.mark.req("R-ANN-1", "R-ANN-2")
+@pytest.mark.parametrize("header", ["# sandbox: yes", "# sandbx", "# volumes: x", "# sandboxed"])
+def test_a_header_near_miss_is_refused_at_submission(service: Service, header: str) -> None:
+    script = f"#!/bin/bash\n{header}\necho hi\n"
+    status, answer = service.call("POST", "/api/jobs", {"language": "bash", "script": script})
+    assert status == 422, answer
+    assert answer["detail"].startswith(f"script line 2: {header!r} looks like a header annotation")
+    assert "'# sandbox'" in answer["detail"]
+    assert service.call("GET", "/api/jobs")[1] == []  # nothing was queued
+
+
+def rss(service: Service) -> int:
+    """The server process's resident memory in bytes."""
+    for line in Path(f"/proc/{service.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_post(
+    service: Service,
+    path: str,
+    size: int,
+    chunked: bool = False,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """POST `size` bytes over a bare socket, reading the answer while the body is still sent.
+
+    A server that refuses early closes the connection; http.client would fail on the send
+    and never see the answer.
+    """
+    import contextlib
+    import socket
+    import threading
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(service.url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(size)}
+    head = {"Host": "test", "Content-Type": "application/json", **framing, **(headers or {})}
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\n".encode()
+        + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+        + b"\r\n"
+    )
+
+    def pump() -> None:
+        chunk = b"x" * (256 << 10)
+        left = size
+        try:
+            while left > 0:
+                part = chunk[: min(left, len(chunk))]
+                sock.sendall(b"%x\r\n%s\r\n" % (len(part), part) if chunked else part)
+                left -= len(part)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server stopped reading: what we want
+
+    sender = threading.Thread(target=pump, daemon=True)
+    sender.start()
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            more = sock.recv(65536)
+            assert more, f"connection closed without an answer: {data!r}"
+            data += more
+        head_text, _, body = data.partition(b"\r\n\r\n")
+        lines = head_text.decode().split("\r\n")
+        fields = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        length = int(fields.get("content-length", "0"))
+        while len(body) < length:
+            more = sock.recv(65536)
+            if not more:
+                break
+            body += more
+    finally:
+        with contextlib.suppress(OSError):  # the server may have closed it already
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        sender.join(30)
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+@pytest.mark.req("R-API-1")
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("token", [None, "wrong-token"], ids=["no-token", "wrong-token"])
+def test_a_40_mb_post_is_refused_before_parsing_or_auth_and_costs_no_memory(
+    service: Service, chunked: bool, token: str | None
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    raw_post(service, "/api/jobs", 1000, headers=headers)  # warm up the request path
+    before = rss(service)
+    status, answer = raw_post(service, "/api/jobs", 40 * MiB, chunked, headers)
+    grown = rss(service) - before
+    assert status == 413, answer  # not 401/403: the token is never looked at
+    assert "ORVANTA_MAX_REQUEST_BYTES" in answer["detail"]
+    assert str(6 * MiB + 12 * MiB) in answer["detail"]  # the default limit, named
+    assert grown < 64 * MiB, f"server grew by {grown / MiB:.1f} MiB"
+    assert service.call("GET", "/api/health")[0] == 200
+    assert "refused" in service.output()
+
+
+@pytest.fixture
+def small_limits(database_url: str, tmp_path: Path) -> Any:
+    """A server with a 20000-byte request limit and a 1000-character output cap."""
+    svc = Service.start(
+        database_url,
+        tmp_path / "small",
+        env={"ORVANTA_MAX_REQUEST_BYTES": "20000", "ORVANTA_OUTPUT_LIMIT": "1000"},
+    )
+    yield svc
+    svc.stop()
+
+
+@pytest.mark.req("R-API-1")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/health"),
+        ("POST", "/api/jobs"),
+        ("PUT", "/api/settings/job_isolation"),
+        ("POST", "/api/groups"),
+        ("POST", "/api/agent/claim"),
+        ("POST", "/api/agent/jobs/0000000000000000/result"),
+        ("POST", "/api/nowhere"),
+    ],
+)
+def test_every_endpoint_refuses_a_body_over_the_limit(
+    small_limits: Service, method: str, path: str
+) -> None:
+    status, answer = small_limits.call(method, path, raw=b"{" + b" " * 19999 + b"}")
+    assert status == 413, answer
+    assert "limit of 20000 bytes (ORVANTA_MAX_REQUEST_BYTES)" in answer["detail"]
+    status, _ = small_limits.call(method, path, raw=b"{" + b" " * 19998 + b"}")
+    assert status != 413  # under the limit: the endpoint answers as usual
+
+
+@pytest.mark.req("R-API-1")
+def test_a_chunked_body_under_the_limit_still_reaches_the_endpoint(small_limits: Service) -> None:
+    status, answer = raw_post(small_limits, "/api/jobs", 20001, chunked=True)
+    assert status == 413, answer
+    status, answer = raw_post(small_limits, "/api/jobs", 20000, chunked=True)
+    assert status == 422, answer  # read in full and parsed: not JSON
+    assert answer["detail"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.req("R-API-1")
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"language": "bash", "script": "S" * (MiB + 1)},
+        {"script": "S" * 100_000},  # `missing` errors carry the whole body as their input
+        {"language": "bash", "script": "echo", "env": {"1" + "S" * 100_000: "v"}},
+        {"language": "bash", "script": "echo", "env": {"V": "S" * 100_000}},
+        {"language": "bash", "script": "echo", "tag": "S" * 100_000},
+        ["S" * 100_000],
+    ],
+    ids=["script", "missing-field", "env-name", "env-value", "tag", "not-an-object"],
+)
+def test_a_422_never_echoes_a_large_input(service: Service, body: Any) -> None:
+    status, answer = service.call("POST", "/api/jobs", body)
+    assert status == 422, str(answer)[:500]
+    text = json.dumps(answer)
+    assert len(text) < 4000 and "S" * 100 not in text, text[:500]
+    assert answer["detail"]
+
+
+@pytest.mark.req("R-API-1")
+def test_a_422_still_echoes_a_small_input(service: Service) -> None:
+    status, answer = service.call("POST", "/api/jobs", {"language": "cobol", "script": "x"})
+    assert status == 422 and answer["detail"][0]["input"] == "cobol", answer
+
+
+def result_body(stdout: str, stderr: str = "") -> dict[str, Any]:
+    result = {
+        "isolation": "none",
+        "status": "success",
+        "exit_code": 0,
+        "duration": 0.1,
+        "stdout": stdout,
+        "stderr": stderr,
+        "log": ["isolation: none"],
+    }
+    return {"worker": "w", "result": result}
+
+
+@pytest.mark.req("R-API-2")
+def test_an_agents_result_is_capped_like_a_workers_own_output(small_limits: Service) -> None:
+    token = small_limits.create_group("cap", ["cap"])
+    job_id = small_limits.submit("print(1)\n", tag="cap")
+    status, claimed = small_limits.call("POST", "/api/agent/claim", {"worker": "w"}, token=token)
+    assert claimed["job"]["id"] == job_id
+    status, answer = small_limits.call(
+        "POST", f"/api/agent/jobs/{job_id}/result", result_body("é" * 1500, "ok\n"), token=token
+    )
+    assert (status, answer) == (200, {"recorded": True})
+    result = small_limits.wait(job_id)["result"]
+    # the first 1000 characters, then the executor's own note (the 500 dropped are 2 bytes each)
+    assert result["stdout"] == "é" * 1000 + "\n[output truncated: 1000 more bytes dropped]\n"
+    assert result["stderr"] == "ok\n"
+    assert result["log"] == [
+        "isolation: none",
+        "stdout truncated by the server at 1000 characters (1000 bytes dropped; "
+        "ORVANTA_OUTPUT_LIMIT)",
+    ]
+    assert "stdout truncated by the server" in small_limits.output()
+
+
+@pytest.mark.req("R-API-2", "R-AGT-1")
+def test_a_real_agents_output_is_capped_and_an_oversized_result_still_ends_the_job(
+    database_url: str, spawn_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """The agent keeps its own 1 MiB cap; the server keeps 1000 characters, 413s over 64 KiB.
+
+    A 413 on the result is what runtime.worker's _complete expects: it reports the job
+    as an error without its output instead of retrying forever. The agent sends all of a
+    1 MiB body before it reads the answer, so the server must still deliver the 413.
+    """
+    svc = Service.start(
+        database_url,
+        tmp_path / "capped",
+        env={"ORVANTA_MAX_REQUEST_BYTES": str(64 << 10), "ORVANTA_OUTPUT_LIMIT": "1000"},
+    )
+    try:
+        token = svc.create_group("agents", ["default"])
+        spawn_worker(
+            "agent-cap",
+            {"MODE": "agent", "ORVANTA_SERVER_URL": svc.url, "ORVANTA_AGENT_TOKEN": token},
+        )
+        capped = svc.wait(svc.submit("print('x' * 20000)\n"))["result"]
+        assert capped["status"] == "success", capped
+        assert capped["stdout"] == "x" * 1000 + "\n[output truncated: 19001 more bytes dropped]\n"
+        refused = svc.wait(svc.submit("print('y' * 3000000)\n"))["result"]  # 1 MiB kept
+        assert refused["status"] == "error" and refused["stdout"] == "", refused
+        assert any("the server refused the job's result" in line for line in refused["log"])
+        assert "413" in refused["log"][-1]
+    finally:
+        svc.stop()
