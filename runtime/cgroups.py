@@ -111,11 +111,24 @@ class JobCgroup:
         return cls(path, v2, parents, fresh)
 
     def pids(self) -> list[int]:
-        try:
-            text = (self.path / "cgroup.procs").read_text()
-        except OSError:
-            return []
-        return [int(line) for line in text.split()]
+        """Every process in the group or in a group the job made below it."""
+        pids = []
+        for group in self._tree():
+            try:
+                text = (group / "cgroup.procs").read_text()
+            except OSError:
+                continue
+            pids += [int(line) for line in text.split()]
+        return pids
+
+    def _tree(self) -> list[Path]:
+        """The group and its descendants, top-down; a job may nest (and freeze) groups below
+        its own (R-HOST-5), and they must die and go with it."""
+        groups = [self.path]
+        with contextlib.suppress(OSError):
+            for top, dirs, _ in os.walk(self.path):
+                groups += [Path(top) / d for d in dirs]
+        return groups
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
@@ -156,6 +169,9 @@ class JobCgroup:
                 except ProcessLookupError:
                     pass
             self._set_frozen(False)
+            for group in self._tree()[1:]:  # groups the job froze itself stay frozen otherwise
+                with contextlib.suppress(OSError):
+                    (group / "freezer.state").write_text("THAWED")
         while self.pids() and time.monotonic() < end:
             for pid in self.pids():
                 with contextlib.suppress(ProcessLookupError):
@@ -168,7 +184,8 @@ class JobCgroup:
             for child in parent.glob("NSJAIL.*"):
                 _rmdir(child)
             _rmdir(parent)
-        _rmdir(self.path)
+        for group in reversed(self._tree()):
+            _rmdir(group)
 
     def _set_frozen(self, frozen: bool) -> None:
         state = self.path / "freezer.state"

@@ -1,9 +1,10 @@
 """Runs one job under the selected backend, with what every backend must guarantee.
 
-Whatever the isolation (R-JOB-1..5): the job gets its own directory, an
-environment built from an allow-list, no worker fd beyond stdio, a deadline
-after which it is killed, capped output, and when it ends none of its
-processes survive and its directory is removed.
+Whatever the isolation (R-JOB-1..5): the job gets its own directory (a tmpfs
+of ORVANTA_JOB_DISK_MB where the worker may mount, R-DISK-1), an environment
+built from an allow-list, no worker fd beyond stdio, a deadline after which it
+is killed, capped output, and when it ends none of its processes survive (any
+found outside its cgroup is reported, R-HOST-5) and its directory is removed.
 """
 
 from __future__ import annotations
@@ -11,29 +12,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import selectors
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from runtime import reaper
+from runtime import idmap, reaper
 from runtime.backends import PreparedJob, make_backend
 from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
+from runtime.jobdir import JobDir, remove_tree, sweep_orphans
 from runtime.languages import is_plain_name, language, volume_annotations, wants_sandbox
-from runtime.selection import IsolationUnavailableError, select_isolation
+from runtime.selection import Decision, IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities
+from runtime.submission import ENV_NAME_PATTERN
+from runtime.volumes import VolumeError, open_volume
 
 log = logging.getLogger("orvanta.executor")
 
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
+ENV_NAME = re.compile(ENV_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,16 @@ class JobRunner:
     def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
         self.settings = settings
         self.caps = caps
-        self.jobs_dir = settings.state_dir / "jobs"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir = settings.job_root
+        self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        if self.jobs_dir.stat().st_uid == os.geteuid():
+            self.jobs_dir.chmod(0o711)  # enter your own job dir; list nobody else's (R-HOST-4)
+        idmap.install_helpers(settings)
+        swept = sweep_orphans(self.jobs_dir)
+        if swept:
+            log.warning("removed %d job dir(s) a killed worker left: %s", len(swept), swept)
+        reaper.become_subreaper()  # a job's process that leaves its cgroup is still ours
+        self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
 
     def run(
         self, spec: JobSpec, settings: Settings | None = None, cancel: Cancellation | None = None
@@ -98,11 +110,15 @@ class JobRunner:
         started = time.monotonic()
         job_log: list[str] = []
         lang = language(spec.language)
-        annotated = wants_sandbox(spec.script)
+        volume_fds: list[tuple[int, str]] = []
         try:
+            annotated = wants_sandbox(spec.script)
             decision = select_isolation(settings, self.caps, annotated)
-            volumes = self._volumes(spec)
-        except (IsolationUnavailableError, ValueError) as exc:
+            owner = self._owner(settings, decision)
+            volume_fds = self._volumes(spec, owner)
+        except (IsolationUnavailableError, ValueError, OSError) as exc:
+            for fd, _ in volume_fds:
+                os.close(fd)
             job_log.append(f"error: {exc}")
             log.error("job %s refused: %s", spec.id, exc)
             return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
@@ -120,30 +136,62 @@ class JobRunner:
         if stale or root.exists():
             # A retry after a worker died mid-job: nothing of that attempt may linger.
             killed = cgroup.kill_all() if cgroup is not None else 0
-            shutil.rmtree(root, ignore_errors=True)
+            remove_tree(root)
             job_log.append(f"retry: removed the previous attempt's files and {killed} process(es)")
         nsjail_parent = None
         if decision.backend == "nsjail":
             nsjail_parent = (
                 job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
             )
-        job = PreparedJob(
-            spec.id, lang, root / "job", root / "control", timeout, nsjail_parent, volumes
-        )
+        place: JobDir | None = None
         try:
-            root.mkdir()
-            job.job_dir.mkdir()
-            (job.job_dir / lang.filename).write_text(spec.script)
-            for host_dir, name in volumes:
-                if decision.backend == "nsjail":
-                    (job.job_dir / name).mkdir()  # the mount point; nsjail binds the volume
-                else:
-                    (job.job_dir / name).symlink_to(host_dir)  # no isolation: a link will do
-                job_log.append(f"volume: {host_dir.name} at ./{name}")
-            env = _job_env(spec, backend.inner_dir(job))
-            outcome = self._execute(backend.argv(job), job, env, cgroup, cancel)
+            place = JobDir.create(
+                self.jobs_dir, spec.id, owner, settings.limits.disk_mb, self._mount
+            )
+            if self._mount and not place.quota:
+                self._mount = False
+                log.warning(
+                    "job dirs: this worker may not mount a tmpfs here, so a job's disk use is "
+                    "not bounded by ORVANTA_JOB_DISK_MB (R-DISK-1)"
+                )
+            (place.job_dir / lang.filename).write_text(spec.script)
+            jail_binds: list[tuple[str, str]] = []
+            try:
+                while volume_fds:
+                    fd, name = volume_fds.pop(0)
+                    source = place.add_volume(fd, name, decision.backend == "nsjail")
+                    if source is not None:
+                        jail_binds.append((source, name))
+                    job_log.append(f"volume: {name}")
+            except (VolumeError, OSError) as exc:
+                job_log.append(f"error: {exc}")
+                log.error("job %s refused: %s", spec.id, exc)
+                return JobResult(
+                    spec.id, decision.backend, "error", None, 0.0, "", str(exc), job_log
+                )
+            job = PreparedJob(
+                spec.id,
+                lang,
+                place.job_dir,
+                place.control_dir,
+                timeout,
+                nsjail_parent,
+                tuple(jail_binds),
+            )
+            launch = backend.launch(job, _job_env(spec, backend.inner_dir(job)))
+            outcome = self._execute(launch.argv, launch.env, job, cgroup, cancel)
+            if place.full():
+                job_log.append(
+                    f"disk quota: the job filled its {settings.limits.disk_mb} MiB job dir "
+                    "(ORVANTA_JOB_DISK_MB); writes past it failed with ENOSPC"
+                )
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            for fd, _ in volume_fds:
+                os.close(fd)
+            if place is not None:
+                place.remove()
+            else:
+                remove_tree(root)
             if cgroup is not None:
                 cgroup.remove()
         exit_code, stopped, stdout, stderr, notes = outcome
@@ -159,36 +207,47 @@ class JobRunner:
             spec.id, decision.backend, status, exit_code, duration, stdout, stderr, job_log
         )
 
-    def _volumes(self, spec: JobSpec) -> tuple[tuple[Path, str], ...]:
-        """The workspace's volumes the script header names, created on first use (R-ANN-4)."""
+    def _owner(self, settings: Settings, decision: Decision) -> tuple[int, int]:
+        """Whom the job's files belong to on the host: the unprivileged job ids where the job's
+        root is not the host's (unshare, nsjail with a user namespace), else the worker's."""
+        sandboxed = decision.backend == "unshare" or (
+            decision.backend == "nsjail" and not settings.disable_nuser
+        )
+        return idmap.job_owner(settings) if sandboxed else (os.geteuid(), os.getegid())
+
+    def _volumes(self, spec: JobSpec, owner: tuple[int, int]) -> list[tuple[int, str]]:
+        """The workspace's volumes the script header names, opened safely (R-ANN-4, R-VOL-2)."""
         requests = volume_annotations(spec.script)
         if not requests:
-            return ()
+            return []
         script = language(spec.language).filename
         if any(r.target == script for r in requests):
             raise ValueError(f"volume target {script!r} is the job's own script; name another")
         if not is_plain_name(spec.workspace):
             raise ValueError(f"workspace {spec.workspace!r} is not a valid name for volumes")
-        volumes = []
-        for request in requests:
-            host_dir = self.settings.state_dir / "volumes" / spec.workspace / request.name
-            host_dir.mkdir(parents=True, exist_ok=True)
-            volumes.append((host_dir, request.target))
-        return tuple(volumes)
+        opened: list[tuple[int, str]] = []
+        try:
+            for request in requests:
+                fd = open_volume(self.settings.state_dir, spec.workspace, request.name, owner)
+                opened.append((fd, request.target))
+        except BaseException:
+            for fd, _ in opened:
+                os.close(fd)
+            raise
+        return opened
 
     def _execute(
         self,
         argv: list[str],
-        job: PreparedJob,
         env: dict[str, str],
+        job: PreparedJob,
         cgroup: JobCgroup | None,
         cancel: Cancellation | None,
     ) -> tuple[int, bool, str, str, list[str]]:
-        if cgroup is None:
-            reaper.become_subreaper()
         # No preexec_fn: it would force a full fork of the worker for every job. The child is
         # born in the job's cgroup and at the job's OOM score because the worker takes both on
         # for the spawn; every process of the job inherits them, with no race.
+        spared = frozenset(reaper.own_children())
         joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
         with joined, _oom_score(JOB_OOM_SCORE_ADJ):
             proc = subprocess.Popen(
@@ -204,19 +263,28 @@ class JobRunner:
         try:
             out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
         finally:
-            survivors = _kill_job(proc, cgroup)
+            survivors, escaped = _kill_job(proc, cgroup, spared)
         notes = [n for n in (out.note("stdout"), err.note("stderr")) if n]
         if survivors:
             notes.append(f"killed {survivors} leftover process(es) of the job")
+        notes.extend(escaped.notes())
         code = proc.returncode
         exit_code = 128 - code if code < 0 else code
         return exit_code, stopped, out.text(), err.text(), notes
 
 
 def _job_env(spec: JobSpec, home: str) -> dict[str, str]:
-    """Built from scratch: no worker variable (DATABASE_URL, tokens) reaches a job (R-JOB-1)."""
+    """Built from scratch: no worker variable (DATABASE_URL, tokens) reaches a job (R-JOB-1).
+
+    Names that are no variable name (a row written by an older release) are dropped: they
+    would be misread as options by the `env` step that applies them inside the sandbox.
+    """
     env = {"PATH": JOB_PATH, "HOME": home, "LANG": "C.UTF-8", "ORVANTA_JOB_ID": spec.id}
-    env.update(spec.env)
+    for name, value in spec.env.items():
+        if ENV_NAME.match(name) and "\x00" not in value:
+            env[name] = value
+        else:
+            log.warning("job %s: variable %r dropped: not a variable name", spec.id, name)
     return env
 
 
@@ -334,8 +402,12 @@ def _collect(
     return out, err, False
 
 
-def _kill_job(proc: subprocess.Popen[bytes], cgroup: JobCgroup | None) -> int:
-    """No process of the job survives it (R-JOB-3); returns how many leftovers were killed."""
+def _kill_job(
+    proc: subprocess.Popen[bytes], cgroup: JobCgroup | None, spared: frozenset[int]
+) -> tuple[int, reaper.Orphans]:
+    """No process of the job survives it (R-JOB-3): its cgroup is emptied, then whatever left
+    the cgroup is found among the worker's adopted orphans (R-HOST-5). Returns how many
+    processes the cgroup still held, and the orphans."""
     survivors = 0
     if proc.poll() is None:
         _killpg(proc.pid)
@@ -344,10 +416,9 @@ def _kill_job(proc: subprocess.Popen[bytes], cgroup: JobCgroup | None) -> int:
     else:
         _killpg(proc.pid)
     proc.wait()
-    if cgroup is None:
-        survivors += reaper.kill_orphans()
+    orphans = reaper.kill_orphans(outside_cgroup=cgroup is not None, spared=spared)
     _drain(proc)
-    return survivors
+    return survivors, orphans
 
 
 def _killpg(pgid: int) -> None:

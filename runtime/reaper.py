@@ -1,10 +1,12 @@
-"""Fallback cleanup where no cgroup can be made: the worker as child subreaper.
+"""The worker as child subreaper: a job's process that escapes its cgroup is still found.
 
 With PR_SET_CHILD_SUBREAPER, a job's orphaned descendants (double-forked
-daemons, setsid children) are re-parented to the worker instead of init, so
-after a job the worker can find them as its own children and kill them. A
-worker runs one job at a time, so every such child belongs to the job just
-finished.
+daemons, setsid children) are re-parented to the worker instead of init. A
+worker runs one job at a time, so after a job every child it has belongs to
+the job just finished. Where no cgroup can be made (a read-only cgroupfs)
+this is how the job's leftovers are killed; where one can, a process found
+here has moved itself out of the job's cgroup, or frozen itself, and the job's
+result says so (R-HOST-5) instead of claiming a clean end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger("orvanta.reaper")
 
@@ -34,37 +38,100 @@ def become_subreaper() -> None:
 
 
 def own_children() -> list[int]:
-    me = os.getpid()
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    """This process's children, from /proc/self/task/*/children (a few small reads)."""
+    children: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return children
+    for tid in tasks:
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
+            with open(f"/proc/self/task/{tid}/children") as f:
+                children += [int(pid) for pid in f.read().split()]
         except OSError:
             continue
-        # the comm field may hold spaces and parentheses: ppid follows the last ')'
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if int(fields[1]) == me:
-            children.append(int(entry))
     return children
 
 
-def kill_orphans(deadline: float = 5.0) -> int:
-    """Kill and reap every child the worker inherited from the finished job."""
-    killed = 0
+@dataclass
+class Orphans:
+    """What the worker found of a finished job among its own children."""
+
+    outside_cgroup: bool  # the job had a cgroup: these left it
+    killed: list[int] = field(default_factory=list)
+    survived: list[int] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.killed and self.outside_cgroup:
+            notes.append(
+                f"found {len(self.killed)} process(es) of the job outside its cgroup after it "
+                f"ended (pids {_pids(self.killed)}); killed them"
+            )
+        elif self.killed:
+            notes.append(f"killed {len(self.killed)} leftover process(es) of the job")
+        if self.survived:
+            notes.append(
+                f"error: {len(self.survived)} process(es) of the job survived it "
+                f"(pids {_pids(self.survived)}): they could not be killed"
+            )
+        return notes
+
+
+def kill_orphans(
+    outside_cgroup: bool = False, spared: frozenset[int] = frozenset(), deadline: float = 5.0
+) -> Orphans:
+    """Kill and reap every child the worker inherited from the finished job; a frozen one is
+    thawed first, since a frozen process cannot die. `spared`: children the process had
+    before the job started (a test harness running jobs in-process has its own)."""
+    orphans = Orphans(outside_cgroup)
     end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        children = own_children()
-        if not children:
-            break
-        for pid in children:
-            try:
+    pending = [pid for pid in own_children() if pid not in spared]
+    thawed: set[int] = set()
+    while pending:
+        for pid in pending:
+            if pid not in orphans.killed:
+                orphans.killed.append(pid)
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-    return killed
+                os.waitpid(pid, os.WNOHANG)
+        pending = [pid for pid in own_children() if pid not in spared]
+        for pid in pending:
+            if pid not in thawed:
+                thawed.add(pid)
+                _thaw(pid)
+        if time.monotonic() > end:
+            orphans.survived = pending
+            break
+        if pending:
+            time.sleep(0.005)
+    return orphans
+
+
+def _thaw(pid: int) -> None:
+    """Thaw the freezer group (v1) or the cgroup (v2) that holds `pid`."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            target = Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.freeze"
+            value = "0"
+        elif "freezer" in controllers.split(","):
+            target = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
+            value = "THAWED"
+        else:
+            continue
+        try:
+            target.write_text(value)
+            log.warning("thawed %s to kill process %d of a finished job", target.parent, pid)
+        except OSError as exc:
+            log.debug("cannot thaw %s: %s", target, exc)
+
+
+def _pids(pids: list[int]) -> str:
+    shown = ", ".join(str(p) for p in pids[:10])
+    return shown + (f" and {len(pids) - 10} more" if len(pids) > 10 else "")

@@ -42,6 +42,7 @@ class JobLimits:
     cpu_seconds: int = 60
     file_size_mb: int = 64
     open_files: int = 256
+    disk_mb: int = 256  # what one job may put on the host's disk (R-DISK-1)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class Settings:
     nsjail_network: str = "isolated"
     python_path: str = "/usr/bin/python3"
     state_dir: Path = Path("/var/lib/orvanta")
+    jobs_dir: Path | None = None  # None: beside the state dir, `<state dir>-jobs`
+    # the host uid/gid a job's root becomes under unshare and nsjail when the worker is root;
+    # 0 keeps the page's literal recipes (the job's root is the host's root), for comparison
+    job_uid: int = 1_900_000_000
+    job_gid: int = 1_900_000_000
     job_timeout: float = 300.0
     output_limit: int = 1 << 20
     lease_seconds: float = 30.0
@@ -65,6 +71,11 @@ class Settings:
     server_url: str | None = None
     agent_token: str | None = field(default=None, repr=False)
     worker_tags: tuple[str, ...] = ("default",)
+
+    @property
+    def job_root(self) -> Path:
+        """Where job directories live: outside the 0700 state dir, which jobs cannot enter."""
+        return self.jobs_dir or self.state_dir.with_name(self.state_dir.name + "-jobs")
 
     @property
     def force_nsjail(self) -> bool:
@@ -99,11 +110,17 @@ class Settings:
         if network not in NSJAIL_NETWORK_VALUES:
             raise SettingsError("ORVANTA_NSJAIL_NETWORK", network, ", ".join(NSJAIL_NETWORK_VALUES))
         limits = JobLimits(
-            memory_mb=_int(env, "ORVANTA_JOB_MEMORY_MB", JobLimits.memory_mb),
-            pids=_int(env, "ORVANTA_JOB_PIDS", JobLimits.pids),
-            cpu_seconds=_int(env, "ORVANTA_JOB_CPU_SECONDS", JobLimits.cpu_seconds),
-            file_size_mb=_int(env, "ORVANTA_JOB_FILE_SIZE_MB", JobLimits.file_size_mb),
+            memory_mb=positive_int(env, "ORVANTA_JOB_MEMORY_MB", JobLimits.memory_mb),
+            pids=positive_int(env, "ORVANTA_JOB_PIDS", JobLimits.pids),
+            cpu_seconds=positive_int(env, "ORVANTA_JOB_CPU_SECONDS", JobLimits.cpu_seconds),
+            file_size_mb=positive_int(env, "ORVANTA_JOB_FILE_SIZE_MB", JobLimits.file_size_mb),
+            disk_mb=positive_int(env, "ORVANTA_JOB_DISK_MB", JobLimits.disk_mb),
         )
+        job_uid = _id(env, "ORVANTA_JOB_UID", Settings.job_uid)
+        job_gid = _id(
+            env, "ORVANTA_JOB_GID", job_uid if "ORVANTA_JOB_UID" in env else Settings.job_gid
+        )
+        jobs_dir = env.get("ORVANTA_JOBS_DIR") or None
         mode = env.get("MODE") or "worker"
         if mode not in MODE_VALUES:
             raise SettingsError("MODE", mode, ", ".join(MODE_VALUES))
@@ -129,9 +146,12 @@ class Settings:
             nsjail_network=network,
             python_path=python,
             state_dir=Path(env.get("ORVANTA_STATE_DIR") or "/var/lib/orvanta"),
-            job_timeout=float(_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
-            output_limit=_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
-            lease_seconds=float(_int(env, "ORVANTA_LEASE_SECONDS", 30)),
+            jobs_dir=Path(jobs_dir) if jobs_dir else None,
+            job_uid=job_uid,
+            job_gid=job_gid,
+            job_timeout=float(positive_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
+            output_limit=positive_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
+            lease_seconds=float(positive_int(env, "ORVANTA_LEASE_SECONDS", 30)),
             limits=limits,
         )
 
@@ -192,7 +212,8 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(name, raw, "true or false (also 1/0, yes/no)")
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def positive_int(env: Mapping[str, str], name: str, default: int, unit: str = "") -> int:
+    """A positive integer variable; `unit` names what it counts in the error."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -201,5 +222,22 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError:
         value = -1
     if value <= 0:
-        raise SettingsError(name, raw, "a positive integer")
+        raise SettingsError(name, raw, f"a positive integer{f' ({unit})' if unit else ''}")
+    return value
+
+
+def _id(env: Mapping[str, str], name: str, default: int) -> int:
+    """A host uid or gid: 0 (the page's literal recipe) or an unprivileged id below 2^31."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = int(raw) if raw.isdigit() else -1
+    if not 0 <= value < 2**31 - 1 or 0 < value < 1000:
+        raise SettingsError(
+            name,
+            raw,
+            "0, or a numeric id from 1000 to 2147483646 that no user or service of this host uses",
+            "Jobs under unshare and nsjail own their files as this id on the host; 0 keeps "
+            "the page's literal recipe, where the job's root is the host's root.",
+        )
     return value

@@ -7,15 +7,18 @@ exists" says nothing about whether a container's seccomp profile lets it work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import cgroups
+from runtime import cgroups, idmap
 from runtime.settings import Settings
 
 log = logging.getLogger("orvanta.startup")
@@ -90,13 +93,22 @@ def probe_nsjail(settings: Settings) -> Probe:
     from runtime.backends.nsjail import render_config
 
     cgroups.ensure_nsjail_parents()
+    problem = None if settings.disable_nuser else _jobs_root_problem(settings)
+    if problem:
+        return Probe(None, f"{path} cannot start a jail here: {problem}")
     with tempfile.TemporaryDirectory(prefix="orvanta-nsjail-probe-") as tmp:
         config = Path(tmp) / "probe.cfg"
         job_dir = Path(tmp) / "job"
         job_dir.mkdir()
+        if not settings.disable_nuser:  # the jail's uid must enter it, as it enters a job dir
+            owner = idmap.job_owner(settings)
+            os.chown(tmp, *owner)
+            os.chown(job_dir, *owner)
         parent = cgroups.nsjail_cgroup_parent()
         config.write_text(render_config("bash", settings, job_dir, PROBE_TIMEOUT, parent))
-        ok, output = _run([path, "--config", str(config), "--", "/bin/true"])
+        ok, output = _run(
+            [path, "--config", str(config), "--", "/bin/true"], idmap.launcher_env(settings)
+        )
     if not ok:
         return Probe(None, f"{path} cannot start a jail here: {output}{_userns_hint(settings)}")
     return Probe(path, f"{path} (nsjail {_nsjail_version(path)}): live probe ok")
@@ -113,13 +125,49 @@ def _userns_hint(settings: Settings) -> str:
     )
 
 
+def _jobs_root_problem(settings: Settings) -> str | None:
+    """Why the job uid cannot reach the jobs root (unshare's jobs walk their host path, and
+    nsjail mounts the job dir as the job uid), or None."""
+    if not idmap.hardened(settings):
+        return None
+    jobs = settings.job_root
+    jobs.mkdir(parents=True, exist_ok=True, mode=0o711)
+    closed = idmap.unreachable(jobs, settings.job_uid, settings.job_gid)
+    if closed is None:
+        return None
+    return (
+        f"jobs run as host uid {settings.job_uid} (ORVANTA_JOB_UID) and reach their "
+        f"directories under {jobs} by path, but {closed} does not let that uid through "
+        f"(mode {closed.stat().st_mode & 0o777:o}); give it o+x or set ORVANTA_JOBS_DIR "
+        "to a directory whose parents do"
+    )
+
+
 def probe_unshare(settings: Settings) -> Probe:
+    """unshare with the flags jobs get: as configured, or hardened for a root worker."""
+    from runtime.backends.unshare import launch_flags
+
     path = shutil.which("unshare")
     if path is None:
         return Probe(None, "unshare: command not found (install util-linux)")
+    # The flags as configured first: their failure is the one the page's message speaks of,
+    # and util-linux's --map-users leaves its id-map child waiting when unshare itself fails.
     ok, output = _run([path, *settings.unshare_flags, "--", "/bin/true"])
     if not ok:
         return Probe(None, output or "unshare exited non-zero without a message")
+    flags = launch_flags(settings, path)
+    if flags != list(settings.unshare_flags):
+        idmap.install_helpers(settings)  # the id-map helpers the hardened flags need
+        problem = _jobs_root_problem(settings)
+        if problem:
+            return Probe(None, problem)
+        ok, output = _run([path, *flags, "--", "/bin/true"], idmap.launcher_env(settings))
+        if not ok:
+            return Probe(
+                None,
+                f"{output or 'unshare exited non-zero without a message'} (with the job's root "
+                f"mapped to host uid {settings.job_uid}: {' '.join(flags)})",
+            )
     return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")
 
 
@@ -153,18 +201,29 @@ def probe_host(settings: Settings) -> HostCapabilities:
     return caps
 
 
-def _run(argv: list[str]) -> tuple[bool, str]:
+def _run(argv: list[str], env: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Run a probe command in a session of its own: on a timeout the whole group dies, not only
+    its first process (a helper it forked would otherwise hold the pipes, and live on)."""
     try:
-        proc = subprocess.run(
+        child = subprocess.Popen(
             argv,
+            env=env,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=PROBE_TIMEOUT,
-            check=False,
+            start_new_session=True,
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except OSError as exc:
         return False, str(exc)
+    try:
+        stdout, stderr = child.communicate(timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        return False, f"{argv[0]} did not finish within {PROBE_TIMEOUT:g}s"
+    proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
     output = (proc.stderr or proc.stdout).strip()
     return proc.returncode == 0, output
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 from types import FrameType
 from typing import Protocol
 
-from runtime import cgroups
+from runtime import cgroups, idmap
 from runtime.executor import Cancellation, JobResult, JobRunner, JobSpec
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import JOB_ISOLATION_VALUES, Settings
@@ -94,6 +94,19 @@ def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:
             "unshare: does not work with flags %s: %s",
             " ".join(settings.unshare_flags),
             caps.unshare.detail,
+        )
+    if idmap.hardened(settings):
+        log.info(
+            "jobs: under unshare and nsjail a job's root is host uid %d, gid %d "
+            "(ORVANTA_JOB_UID/GID), never the host's root",
+            settings.job_uid,
+            settings.job_gid,
+        )
+    else:
+        log.warning(
+            "jobs: under unshare a job's root is this worker's uid %d on the host "
+            "(ORVANTA_JOB_UID=0 or a non-root worker: the page's literal recipe)",
+            os.geteuid(),
         )
     if caps.tini.ok:
         log.info("tini: found: %s", caps.tini.detail)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from runtime.jobdir import remove_tree
 
 REQ_MARKER = "req(*ids): SPEC.md requirement IDs this test covers"
 
@@ -12,3 +19,27 @@ def pytest_configure(config: pytest.Config) -> None:
     declared = config.getini("markers")
     if not any(line.split(":", 1)[0].split("(", 1)[0].strip() == "req" for line in declared):
         config.addinivalue_line("markers", REQ_MARKER)
+
+
+@pytest.fixture(scope="session")
+def _passable_tmp() -> Iterator[Path]:
+    """One directory per test process that jobs may pass through (0711), outside pytest's own.
+
+    Jobs under unshare run as the unprivileged ORVANTA_JOB_UID and reach their job dirs, and
+    the files a test puts beside them, by path. pytest keeps its temporary directories under
+    a 0700 /tmp/pytest-of-USER, and every pytest that starts (the audit tests start one)
+    resets it to 0700: a job could not pass through it.
+    """
+    base = Path(tempfile.mkdtemp(prefix="orvanta-tests-"))
+    base.chmod(0o711)
+    yield base
+    remove_tree(base)  # unmounts what a killed worker left, then deletes
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest, _passable_tmp: Path) -> Path:
+    """A fresh directory per test, like pytest's, but one that jobs may pass through."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:40]
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_passable_tmp))
+    path.chmod(0o711)
+    return path

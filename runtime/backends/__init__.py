@@ -26,7 +26,17 @@ class PreparedJob:
     control_dir: Path  # beside job_dir, never visible to the job (configs, logs)
     timeout: float
     cgroup_parent: str | None = "orvanta"  # where nsjail makes its cgroups; None: no cgroups
-    volumes: tuple[tuple[Path, str], ...] = ()  # (host dir, name inside the job dir), R-ANN-4
+    # volumes nsjail binds itself, (source, name under /job), where the worker could not
+    volumes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What the worker spawns: the command and its whole environment. A launcher that runs
+    as root outside the sandbox gets the worker's fixed environment, never the job's."""
+
+    argv: list[str]
+    env: dict[str, str]
 
 
 class Backend(Protocol):
@@ -35,8 +45,9 @@ class Backend(Protocol):
     def inner_dir(self, job: PreparedJob) -> str:
         """Where the job directory appears to the job itself."""
 
-    def argv(self, job: PreparedJob) -> list[str]:
-        """The full command that runs the job's script under this isolation."""
+    def launch(self, job: PreparedJob, env: dict[str, str]) -> Launch:
+        """How to run the job's script under this isolation with `env` as the job's own
+        environment, applied inside the sandbox."""
 
 
 class UnknownBackendError(ValueError):

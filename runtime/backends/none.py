@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.backends import PreparedJob
+from runtime.backends import Launch, PreparedJob
 from runtime.settings import Settings
 
 
@@ -15,6 +15,7 @@ class NoIsolation:
     def inner_dir(self, job: PreparedJob) -> str:
         return str(job.job_dir)
 
-    def argv(self, job: PreparedJob) -> list[str]:
+    def launch(self, job: PreparedJob, env: dict[str, str]) -> Launch:
+        """The job itself is what the worker spawns: there is no launcher to protect."""
         script = f"{self.inner_dir(job)}/{job.language.filename}"
-        return job.language.argv(script, self.settings.python_path)
+        return Launch(job.language.argv(script, self.settings.python_path), env)

@@ -2,8 +2,13 @@
 
 The configs are protobuf text files shipped in `runtime/nsjail/` (R-NSJ-1), with
 $-placeholders for what differs per job: the job dir, the limits, whether a
-user namespace is made (DISABLE_NUSER, R-NSJ-2) and whether the network is
-isolated. The rendered config lives in the job's control dir, outside /job.
+user namespace is made (DISABLE_NUSER, R-NSJ-2), whom the jail's uid is on the
+host (ORVANTA_JOB_UID, never root for a root worker), whether the network is
+isolated, and the job's own variables. nsjail itself runs as root with the
+worker's fixed environment; the job's variables reach only the jailed process
+(`envar`, with `keep_env: false`). The rendered config lives in the job's
+control dir (root only, outside /job). Volumes are already bound inside the
+job dir by the worker, and nsjail's bind of /job carries them along.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from runtime import cgroups
-from runtime.backends import PreparedJob
+from runtime import cgroups, idmap
+from runtime.backends import Launch, PreparedJob
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities
 
 INNER_DIR = "/job"
-JAIL_UID = 1000  # what root outside the jail becomes inside, with a user namespace
+JAIL_UID = 1000  # the jailed process's uid inside, with a user namespace
 
 
 def config_template(language: str) -> Template:
@@ -32,14 +37,17 @@ def render_config(
     job_dir: Path,
     timeout: float,
     cgroup_parent: str | None = cgroups.PARENT,
-    volumes: tuple[tuple[Path, str], ...] = (),
+    env: dict[str, str] | None = None,
+    volumes: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """The nsjail config for one job; every placeholder must be filled (KeyError otherwise)."""
     limits = settings.limits
     userns = not settings.disable_nuser
+    # outside "" is nsjail's own uid: the host's root for a root worker with ORVANTA_JOB_UID=0
+    uid, gid = idmap.job_owner(settings) if idmap.hardened(settings) else ("", "")
     id_maps = (
-        f'uidmap {{ inside_id: "{JAIL_UID}" outside_id: "" count: 1 }}\n'
-        f'gidmap {{ inside_id: "{JAIL_UID}" outside_id: "" count: 1 }}'
+        f'uidmap {{ inside_id: "{JAIL_UID}" outside_id: "{uid}" count: 1 }}\n'
+        f'gidmap {{ inside_id: "{JAIL_UID}" outside_id: "{gid}" count: 1 }}'
         if userns
         else ""
     )
@@ -58,12 +66,28 @@ def render_config(
         tmpfs_mb=limits.file_size_mb,
         cgroup_limits=_cgroup_limits(settings, cgroup_parent),
         interpreter_mounts=_interpreter_mounts(settings.python_path),
-        # a volume is the one host directory a job may write that outlives it (R-ANN-4)
+        envars="\n".join(f"envar: {text_string(f'{k}={v}')}" for k, v in (env or {}).items()),
+        # only where the worker could not bind them into the job dir itself (R-ANN-4, R-VOL-2)
         volume_mounts="\n".join(
-            f'mount {{ src: "{host}" dst: "{INNER_DIR}/{name}" is_bind: true rw: true }}'
-            for host, name in volumes
+            f"mount {{ src: {text_string(src)} dst: {text_string(f'{INNER_DIR}/{name}')} "
+            "is_bind: true rw: true nosuid: true nodev: true }"
+            for src, name in volumes
         ),
     )
+
+
+def text_string(value: str) -> str:
+    """`value` as a protobuf text-format string literal: quotes, backslashes and control
+    characters escaped (octal), everything else as UTF-8."""
+    out = []
+    for char in value:
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\{ord(char):03o}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 def _cgroup_limits(settings: Settings, parent: str | None) -> str:
@@ -124,8 +148,7 @@ class Nsjail:
     def inner_dir(self, job: PreparedJob) -> str:
         return INNER_DIR
 
-    def argv(self, job: PreparedJob) -> list[str]:
-        job.control_dir.mkdir(exist_ok=True)
+    def launch(self, job: PreparedJob, env: dict[str, str]) -> Launch:
         config = job.control_dir / "nsjail.cfg"
         config.write_text(
             render_config(
@@ -134,9 +157,11 @@ class Nsjail:
                 job.job_dir,
                 job.timeout,
                 job.cgroup_parent,
+                env,
                 job.volumes,
             )
         )
         script = f"{INNER_DIR}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
-        return [self.nsjail, "--config", str(config), "--", *command]
+        argv = [self.nsjail, "--config", str(config), "--", *command]
+        return Launch(argv, idmap.launcher_env(self.settings))

@@ -34,8 +34,14 @@ print("not reached")
 )
 
 
+def jobs_root(state_dir: Path) -> Path:
+    from runtime.settings import Settings
+
+    return Settings(state_dir=state_dir).job_root
+
+
 def jobs_left(state_dir: Path) -> list[str]:
-    jobs = state_dir / "jobs"
+    jobs = jobs_root(state_dir)
     assert jobs.is_dir(), f"{jobs} was never created"
     return sorted(p.name for p in jobs.iterdir())
 
@@ -130,7 +136,7 @@ print(json.dumps({"cwd": os.getcwd(), "files": sorted(os.listdir("."))}))
         if backend == "nsjail":
             assert data["cwd"] == "/job"
         else:
-            assert data["cwd"] == str(state_dir / "jobs" / run.result["job_id"] / "job")
+            assert data["cwd"] == str(jobs_root(state_dir) / run.result["job_id"] / "job")
     assert jobs_left(state_dir) == []
 
 

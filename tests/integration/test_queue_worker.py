@@ -27,6 +27,7 @@ from cli_helpers import (
 )
 
 from runtime.queue import JobQueue, QueuedJob
+from runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +138,7 @@ def test_worker_runs_queued_jobs_one_after_another_each_starting_clean(
     assert record["isolation"] == "none"
     assert queue.counts() == {"done": 4}
     assert processes_with(marker) == []
-    assert sorted(os.listdir(state_dir / "jobs")) == []
+    assert sorted(os.listdir(Settings(state_dir=state_dir).job_root)) == []
     assert worker.proc.poll() is None
 
 
@@ -208,12 +209,16 @@ def test_cancel_a_queued_job_means_it_never_runs(
 
 
 @pytest.fixture
-def cleanup_job() -> Iterator[list[str]]:
-    """Job ids whose tracking cgroup a killed worker may have left behind."""
+def cleanup_job(state_dir: Path) -> Iterator[list[str]]:
+    """Job ids whose tracking cgroup and tmpfs job dir a killed worker may have left behind
+    (a retry of the job would remove them; these tests end before one)."""
+    from runtime.jobdir import remove_tree
+
     ids: list[str] = []
     yield ids
     for job_id in ids:
         remove_job_cgroup(job_id)
+        remove_tree(Settings(state_dir=state_dir).job_root / job_id)
 
 
 def kill_worker_mid_job(

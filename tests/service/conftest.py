@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from conformance.service import ROOT, Service, postgres_unavailable, scratch_postgres
+from runtime.jobdir import sweep_orphans
+from runtime.settings import Settings
 
 READY = "pulling jobs from"
 
@@ -98,6 +100,10 @@ def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         except subprocess.TimeoutExpired:
             worker.proc.kill()
             worker.proc.wait()
+    # a worker killed mid-job leaves its tmpfs job dir mounted until a worker of the same
+    # jobs root starts again (runtime.jobdir.sweep_orphans); these never do
+    for worker in started:
+        sweep_orphans(Settings(state_dir=tmp_path / f"{worker.name}-state").job_root)
 
 
 @pytest.fixture

@@ -185,3 +185,48 @@ def test_interpreter_mount_never_exposes_the_root_filesystem(job_dir: Path, pyth
 def test_relative_interpreter_is_refused(job_dir: Path) -> None:
     with pytest.raises(SettingsError, match="ORVANTA_PYTHON='python3' is not valid"):
         render("python3", job_dir, ORVANTA_PYTHON="python3")
+
+
+@pytest.mark.req("R-JOB-1")
+@pytest.mark.parametrize("lang", LANGS)
+def test_the_jobs_variables_reach_only_the_jail_escaped(lang: str, job_dir: Path) -> None:
+    """nsjail runs with the worker's environment (keep_env: false); each job variable is an
+    `envar` of the jailed process, quoted so that no value can add a config line."""
+    env = {"PLAIN": "1", "TRICKY": 'a"b\\c\nmount { src: "/" dst: "/host" rw: true }'}
+    config = render_config(lang, Settings(), job_dir, 30, env=env)
+    assert top_level(config)["keep_env"] == "false"
+    envars = [line for line in config.splitlines() if line.startswith("envar:")]
+    assert envars == [
+        'envar: "PLAIN=1"',
+        'envar: "TRICKY=a\\"b\\\\c\\012mount { src: \\"/\\" dst: \\"/host\\" rw: true }"',
+    ]
+    assert not any(m.get("dst") == "/host" for m in mounts(config))
+
+
+@pytest.mark.req("R-HOST-1", "R-HOST-3")
+@pytest.mark.parametrize(("job_uid", "outside"), [("70000", "70000"), ("0", "")])
+def test_the_jails_uid_is_the_job_uid_never_root(job_dir: Path, job_uid: str, outside: str) -> None:
+    """With a root worker the jail's uid 1000 maps to ORVANTA_JOB_UID; 0 keeps the literal
+    mapping to nsjail's own uid (the host's root), for the page-literal comparison cell."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the mapping to ORVANTA_JOB_UID applies to a root worker only")
+    config = render("bash", job_dir, ORVANTA_JOB_UID=job_uid)
+    for kind in ("uidmap", "gidmap"):
+        line = next(line for line in config.splitlines() if line.startswith(kind))
+        assert f'outside_id: "{outside}"' in line, line
+
+
+@pytest.mark.req("R-VOL-2")
+def test_volumes_the_jail_binds_itself_are_nosuid_nodev(job_dir: Path) -> None:
+    config = render_config("bash", Settings(), job_dir, 30, volumes=(("/proc/1/fd/7", "data"),))
+    (volume,) = [m for m in mounts(config) if m.get("dst") == "/job/data"]
+    assert volume == {
+        "src": "/proc/1/fd/7",
+        "dst": "/job/data",
+        "is_bind": "true",
+        "rw": "true",
+        "nosuid": "true",
+        "nodev": "true",
+    }

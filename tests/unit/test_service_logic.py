@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends.nsjail import render_config
 from runtime.database import DatabaseURLError, SqliteDatabase, connect, redact
 from runtime.languages import LANGUAGES, VolumeAnnotationError, VolumeRequest, volume_annotations
 from runtime.queue import InvalidNameError, check_name
@@ -53,15 +52,6 @@ def test_volume_names_that_are_paths_are_refused(header: str, names: str) -> Non
     with pytest.raises(VolumeAnnotationError) as err:
         volume_annotations(header + "\nprint(1)\n")
     assert names in str(err.value) and "a name, not a path" in str(err.value)
-
-
-@pytest.mark.req("R-ANN-4", "R-NSJ-1")
-def test_a_volume_is_one_more_bind_under_job_and_nothing_else() -> None:
-    host = Path("/var/lib/orvanta/volumes/ws/cache")
-    plain = render_config("python3", Settings(), Path("/j"), 10)
-    with_volume = render_config("python3", Settings(), Path("/j"), 10, volumes=((host, "data"),))
-    added = set(with_volume.splitlines()) - set(plain.splitlines())
-    assert added == {f'mount {{ src: "{host}" dst: "/job/data" is_bind: true rw: true }}'}
 
 
 @pytest.mark.req("R-AGT-1")

@@ -1,4 +1,9 @@
-"""The PID-namespace command line: `unshare <flags> -- [tini -s --] <job>` (R-PID-1, R-PID-2)."""
+"""The PID-namespace command line: `unshare <flags> -- [tini -s --] env -i <vars> <job>`.
+
+R-PID-1, R-PID-2; the flags as configured when ORVANTA_JOB_UID=0 (the page's literal
+recipe), hardened so that the job's root is an unprivileged host uid otherwise
+(`hardened_flags`); the job's variables only through `env -i` inside the namespace.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime.backends import PreparedJob, make_backend
-from runtime.backends.unshare import PidNamespace
+from runtime.backends.unshare import ENV, PidNamespace, hardened_flags
 from runtime.languages import language
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities, Probe
@@ -28,72 +33,139 @@ def prepared(lang: str) -> PreparedJob:
 
 
 def settings(**env: str) -> Settings:
-    return Settings.from_env({"ENABLE_UNSHARE_PID": "true", **env})
+    """The page's literal recipe (job uid 0), so the argv does not depend on who runs the test."""
+    return Settings.from_env({"ENABLE_UNSHARE_PID": "true", "ORVANTA_JOB_UID": "0", **env})
+
+
+JOB_ENV = {"HOME": str(JOB_DIR), "MINE": "a b"}
+INNER_ENV = [ENV, "-i", f"HOME={JOB_DIR}", "MINE=a b"]
+
+
+def argv(backend: PidNamespace, lang: str) -> list[str]:
+    return backend.launch(prepared(lang), JOB_ENV).argv
 
 
 @pytest.mark.req("R-PID-1", "R-PID-2", "R-CFG-2")
 def test_python_job_with_tini() -> None:
-    argv = PidNamespace(settings(), host()).argv(prepared("python3"))
-    assert argv == [
+    assert argv(PidNamespace(settings(), host()), "python3") == [
         "/usr/bin/unshare",
-        "--user",
-        "--map-root-user",
-        "--pid",
-        "--fork",
-        "--mount-proc",
+        *("--user", "--map-root-user", "--pid", "--fork", "--mount-proc"),
         "--",
-        "/usr/bin/tini",
-        "-s",
-        "--",
-        "/usr/bin/python3",
-        "-u",
-        f"{JOB_DIR}/main.py",
+        *INNER_ENV,
+        *("/usr/bin/tini", "-s", "--"),
+        *("/usr/bin/python3", "-u", f"{JOB_DIR}/main.py"),
     ]
 
 
 @pytest.mark.req("R-PID-1", "R-PID-2")
 def test_python_job_without_tini() -> None:
-    argv = PidNamespace(settings(), host(tini=False)).argv(prepared("python3"))
-    assert argv == [
+    line = argv(PidNamespace(settings(), host(tini=False)), "python3")
+    assert line == [
         "/usr/bin/unshare",
-        "--user",
-        "--map-root-user",
-        "--pid",
-        "--fork",
-        "--mount-proc",
+        *("--user", "--map-root-user", "--pid", "--fork", "--mount-proc"),
         "--",
-        "/usr/bin/python3",
-        "-u",
-        f"{JOB_DIR}/main.py",
+        *INNER_ENV,
+        *("/usr/bin/python3", "-u", f"{JOB_DIR}/main.py"),
     ]
-    assert not any("tini" in part for part in argv)
+    assert not any("tini" in part for part in line)
 
 
 @pytest.mark.req("R-PID-1", "R-CFG-2", "R-CFG-3")
 def test_bash_job_with_custom_flags_and_python() -> None:
     s = settings(UNSHARE_ISOLATION_FLAGS="--user --map-root-user --pid --fork --net")
-    argv = PidNamespace(s, host()).argv(prepared("bash"))
-    assert argv == [
+    assert argv(PidNamespace(s, host()), "bash") == [
         "/usr/bin/unshare",
-        "--user",
-        "--map-root-user",
-        "--pid",
-        "--fork",
-        "--net",
+        *("--user", "--map-root-user", "--pid", "--fork", "--net"),
         "--",
-        "/usr/bin/tini",
-        "-s",
-        "--",
-        "/bin/bash",
-        f"{JOB_DIR}/main.sh",
+        *INNER_ENV,
+        *("/usr/bin/tini", "-s", "--"),
+        *("/bin/bash", f"{JOB_DIR}/main.sh"),
     ]
+
+
+@pytest.mark.req("R-JOB-1")
+def test_the_launchers_get_the_workers_environment_not_the_jobs() -> None:
+    """unshare runs as root outside the sandbox: none of the job's variables; they are set
+    by `env -i` inside the namespace, before tini."""
+    launch = PidNamespace(settings(), host()).launch(prepared("bash"), {"LD_PRELOAD": "/x.so"})
+    assert "LD_PRELOAD" not in launch.env
+    assert set(launch.env) == {"PATH", "LANG"}
+    assert launch.argv[launch.argv.index(ENV) : launch.argv.index(ENV) + 3] == [
+        ENV,
+        "-i",
+        "LD_PRELOAD=/x.so",
+    ]
+
+
+@pytest.mark.req("R-HOST-1", "R-HOST-2")
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (
+            "--user --map-root-user --pid --fork --mount-proc",
+            [
+                "--user",
+                "--map-users=70000,0,1",
+                "--map-groups=70001,0,1",
+                "--setuid=0",
+                "--setgid=0",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+            ],
+        ),
+        (
+            "-Urpf --mount-proc",
+            [
+                "--user",
+                "--map-users=70000,0,1",
+                "--map-groups=70001,0,1",
+                "--setuid=0",
+                "--setgid=0",
+                "-p",
+                "-f",
+                "--mount-proc",
+            ],
+        ),
+        (
+            "--user --map-user 5 --map-group=5 --pid --fork",
+            [
+                "--user",
+                "--map-users=70000,0,1",
+                "--map-groups=70001,0,1",
+                "--setuid=0",
+                "--setgid=0",
+                "--pid",
+                "--fork",
+            ],
+        ),
+        (
+            "--pid --fork --mount-proc",
+            ["--pid", "--fork", "--mount-proc", "--setuid=70000", "--setgid=70001"],
+        ),
+    ],
+)
+def test_hardened_flags_map_the_jobs_root_to_the_job_uid(flags: str, expected: list[str]) -> None:
+    """Every mapping the flags ask for becomes root -> ORVANTA_JOB_UID; no user namespace in
+    the flags: the job runs as that uid outright. Never as the host's root."""
+    assert hardened_flags(tuple(flags.split()), 70000, 70001, colon_maps=False) == expected
+
+
+@pytest.mark.req("R-HOST-1")
+def test_hardened_flags_in_util_linux_239_syntax() -> None:
+    """util-linux 2.39 reads --map-users as inner:outer:count."""
+    flags = hardened_flags(("--user", "--map-root-user"), 70000, 70001, colon_maps=True)
+    assert flags[1:3] == ["--map-users=0:70000:1", "--map-groups=0:70001:1"]
 
 
 @pytest.mark.req("R-PID-1")
 def test_python_path_setting_is_used() -> None:
     s = settings(ORVANTA_PYTHON="/opt/py/bin/python3")
-    argv = PidNamespace(s, host()).argv(prepared("python3"))
-    assert argv[-3:] == ["/opt/py/bin/python3", "-u", f"{JOB_DIR}/main.py"]
+    assert argv(PidNamespace(s, host()), "python3")[-3:] == [
+        "/opt/py/bin/python3",
+        "-u",
+        f"{JOB_DIR}/main.py",
+    ]
 
 
 @pytest.mark.req("R-PID-1")
@@ -111,4 +183,4 @@ def test_backend_refuses_an_unusable_unshare() -> None:
 def test_make_backend_returns_the_pid_namespace() -> None:
     backend = make_backend("unshare", settings(), host())
     assert backend.name == "unshare"
-    assert backend.argv(prepared("python3"))[0] == "/usr/bin/unshare"
+    assert backend.launch(prepared("python3"), {}).argv[0] == "/usr/bin/unshare"

@@ -1,0 +1,179 @@
+"""A job's place on the host: `JOBS/<id>/job` for the job, `JOBS/<id>/control` for the worker.
+
+The jobs root is outside the 0700 state dir and 0711: a job can enter its own
+directory but list no other (R-HOST-4). The job dir is a tmpfs of
+ORVANTA_JOB_DISK_MB, mounted nosuid,nodev and owned by the job's host uid, so
+one job cannot fill the host's disk through it (R-DISK-1) and removing it is
+one unmount. Volumes are bound into it through an fd the worker resolved
+itself (R-VOL-2). The worker holds a lock on `control/owner.lock` while the
+job lives, so a worker that starts can tell (and remove) what a killed one
+left mounted, even in a jobs root that live workers share. Where the worker
+may not mount (an unprivileged container) the job dir is a plain directory and
+volumes are symlinks: no quota there, which the worker says at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime import mounts
+from runtime.volumes import VolumeError, strip_setid
+
+log = logging.getLogger("orvanta.jobdir")
+
+
+@dataclass
+class JobDir:
+    root: Path
+    job_dir: Path
+    control_dir: Path
+    quota: bool  # the job dir is a size-limited tmpfs
+    owner: tuple[int, int] = (0, 0)  # the job's host uid and gid
+    mounted: list[str] = field(default_factory=list)  # innermost last
+    volume_fds: list[int] = field(default_factory=list)
+    lock_fd: int = -1  # flock held while the job lives
+
+    @classmethod
+    def create(
+        cls, jobs_root: Path, job_id: str, owner: tuple[int, int], disk_mb: int, mount: bool
+    ) -> JobDir:
+        root = jobs_root / job_id
+        root.mkdir(mode=0o711)
+        job_dir = root / "job"
+        job_dir.mkdir(mode=0o700)
+        control = root / "control"
+        control.mkdir(mode=0o700)
+        place = cls(root, job_dir, control, quota=False, owner=owner)
+        place.lock_fd = os.open(control / LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(place.lock_fd, fcntl.LOCK_EX)
+        if mount:
+            try:
+                mounts.tmpfs(str(job_dir), disk_mb, *owner)
+                place.mounted.append(str(job_dir))
+                place.quota = True
+            except mounts.MountError as exc:
+                log.debug("job %s: no tmpfs job dir (%s)", job_id, exc)
+        if not place.quota and owner != (os.geteuid(), os.getegid()):
+            os.chown(job_dir, *owner)
+        return place
+
+    def add_volume(self, volume_fd: int, name: str, jail_binds: bool = False) -> str | None:
+        """The volume at ./name: bound nosuid,nodev where the worker may mount. Where it may
+        not, and `jail_binds` (nsjail mounts in a namespace of its own), the path the jail is
+        to bind is returned. Else a link."""
+        self.volume_fds.append(volume_fd)
+        target = self.job_dir / name
+        source = f"/proc/self/fd/{volume_fd}"
+        if self.quota:
+            target.mkdir()
+            mounts.bind(source, str(target))
+            self.mounted.append(str(target))
+        elif jail_binds:
+            # nsjail mounts in a mount namespace of its own, where the kernel refuses a bind
+            # whose source (this fd's mount) belongs to another: it gets the path just resolved
+            # without a symlink. Only root may change what lies there (the state dir is 0700).
+            target.mkdir()
+            return os.readlink(source)
+        elif self.owner == (os.geteuid(), os.getegid()):  # the job is the worker's uid: a link
+            target.symlink_to(os.readlink(source))
+        else:
+            raise VolumeError(
+                f"volume {name!r} cannot be given to this job: the worker may not mount here "
+                "(no CAP_SYS_ADMIN), and a link into the 0700 state dir is closed to the job's "
+                "uid. Run the worker with CAP_SYS_ADMIN, or run volume jobs without isolation"
+            )
+        return None
+
+    def full(self) -> bool:
+        """The job used up its quota: its tmpfs has (next to) no block left."""
+        if not self.quota:
+            return False
+        try:
+            st = os.statvfs(self.job_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 64 * 1024
+
+    def remove(self) -> None:
+        """Unmount, strip setid bits the job left in its volumes, and delete the rest."""
+        for target in reversed(self.mounted):
+            try:
+                mounts.detach(target)
+            except OSError as exc:
+                log.error("cannot unmount %s: %s", target, exc)
+        self.mounted.clear()
+        for fd in self.volume_fds:
+            try:
+                stripped = strip_setid(fd)
+                if stripped:
+                    log.warning("stripped setuid/setgid bits from %d file(s) in a volume", stripped)
+            finally:
+                os.close(fd)
+        self.volume_fds.clear()
+        remove_tree(self.root)
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+LOCK = "owner.lock"
+
+
+def sweep_orphans(jobs_root: Path) -> list[str]:
+    """Remove the job dirs whose worker died (no one holds their lock); returns their names."""
+    swept: list[str] = []
+    try:
+        entries = list(jobs_root.iterdir())
+    except OSError:
+        return swept
+    for root in entries:
+        try:
+            fd = os.open(root / "control" / LOCK, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # being made right now, or not a job dir of this release
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live worker's job
+        finally:
+            os.close(fd)
+        remove_tree(root)
+        swept.append(root.name)
+    return swept
+
+
+def remove_tree(root: Path) -> None:
+    """Delete a job's tree, first unmounting anything still mounted below it (a dead worker's
+    attempt): rmtree must never walk into a volume."""
+    prefix = str(root) + "/"
+    for target in sorted(_mount_points(prefix), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            mounts.detach(target)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _mount_points(prefix: str) -> list[str]:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        point = _unescape(line.split(" ", 5)[4])
+        if point.startswith(prefix):
+            points.append(point)
+    return points
+
+
+def _unescape(field_text: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field_text = field_text.replace(code, char)
+    return field_text

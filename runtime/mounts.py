@@ -1,0 +1,73 @@
+"""mount(2) and umount2(2) for the worker, which Python's standard library lacks.
+
+The worker mounts each job's directory as a size-limited tmpfs (R-DISK-1) and
+binds the job's volumes into it (R-VOL-2). Both need CAP_SYS_ADMIN: where the
+worker lacks it (an unprivileged container), `MountError` says so and the
+caller falls back to plain directories.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+
+class MountError(OSError):
+    """A mount or unmount the kernel refused; errno and the target say which."""
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str, target: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise MountError(err, f"{what} {target}: {os.strerror(err)}")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        _libc().mount(
+            source.encode(),
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        "mount",
+        target,
+    )
+
+
+def tmpfs(target: str, size_mb: int, uid: int, gid: int) -> None:
+    """A private tmpfs of `size_mb` that only uid:gid may enter; nothing in it runs setuid."""
+    options = f"size={size_mb}m,mode=0700,uid={uid},gid={gid}"
+    mount("orvanta-job", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+
+
+def bind(source: str, target: str) -> None:
+    """Bind `source` (a /proc/self/fd path: the directory already resolved) nosuid,nodev."""
+    mount(source, target, None, MS_BIND)
+    try:
+        mount("none", target, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    except MountError:
+        detach(target)
+        raise
+
+
+def detach(target: str) -> None:
+    """Lazy unmount: gone from the tree at once, freed when the last user lets go."""
+    _check(_libc().umount2(target.encode(), MNT_DETACH), "umount", target)

@@ -1,0 +1,81 @@
+"""Persistent volumes (R-ANN-4), opened so that a job can never turn one into a host path.
+
+A volume is `STATE/volumes/WORKSPACE/NAME`. Each component below the state dir
+is opened with O_NOFOLLOW|O_DIRECTORY relative to its parent's fd, so a
+symlink or a file planted anywhere on the way fails the job instead of being
+followed (R-VOL-2); the job then gets the directory through that fd, never
+through its path. After a job, setuid and setgid bits are stripped from what
+it left in its volumes (R-HOST-3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from pathlib import Path
+
+log = logging.getLogger("orvanta.volumes")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class VolumeError(ValueError):
+    """The volume's host path is not a plain directory inside the state dir."""
+
+
+def open_volume(state_dir: Path, workspace: str, name: str, owner: tuple[int, int]) -> int:
+    """An fd on the volume's directory, made on first use and owned by the job's host ids."""
+    fd = os.open(state_dir, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the operator's path; may be a link
+    try:
+        for part, mode in (("volumes", 0o700), (workspace, 0o700), (name, 0o700)):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, mode, dir_fd=fd)
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise VolumeError(
+                        f"volume {name!r} of workspace {workspace!r} refused: "
+                        f"{state_dir}/volumes/{workspace}/{name} has a symlink or a file at "
+                        f"{part!r} where a directory must be; it was not mounted. An earlier "
+                        "job may have poisoned it: inspect and remove that entry as root"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = child
+        info = os.fstat(fd)
+        if (info.st_uid, info.st_gid) != owner:
+            os.fchown(fd, *owner)
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def strip_setid(volume_fd: int) -> int:
+    """Clear setuid/setgid bits on every regular file below the volume; returns how many."""
+    stripped = 0
+    for _, _, files, dir_fd in os.fwalk(".", dir_fd=volume_fd, follow_symlinks=False):
+        for name in files:
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(info.st_mode) or not info.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError as exc:
+                log.warning("cannot open setid file %s to strip it: %s", name, exc)
+                continue
+            try:
+                os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+                stripped += 1
+            finally:
+                os.close(fd)
+    return stripped
