@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,8 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime import idmap
 from runtime.backends.nsjail import render_config
+from runtime.backends.unshare import launch_flags
 from runtime.executor import JobRunner, JobSpec
+from runtime.idmap import let_jobs_through
 from runtime.settings import Settings
 from runtime.startup import probe_host
 
@@ -82,10 +84,16 @@ def bench_command(args: argparse.Namespace, _settings: object) -> int:
     return 0
 
 
+def bench_env(backend: str, tmp: str) -> dict[str, str]:
+    """A worker of `backend` whose state and job dirs both live in the temporary dir."""
+    return {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp, "ORVANTA_JOBS_DIR": f"{tmp}/jobs"}
+
+
 def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
     """Interleaved runs of one trivial job through the runtime and through the raw tool."""
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
-        settings = Settings.from_env({**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp})
+        let_jobs_through(Path(tmp))  # jobs run as ORVANTA_JOB_UID and walk to their dirs
+        settings = Settings.from_env(bench_env(backend, tmp))
         runner = JobRunner(settings, probe_host(settings))
         raw = raw_command(backend, language, settings, Path(tmp))
         spec = SCRIPTS[language]
@@ -120,35 +128,38 @@ def floor(runs: int) -> dict[str, Any]:
     """What the per-job guarantees cost with no runtime around them: the lower bound.
 
     A bare `bash -c true`, against the same with only what every job gets: its own
-    directory and script, a tracking cgroup the spawn is born in (where cgroups are
-    writable), piped output, and the removal of both. Interleaved, like per_job.
+    directory (a tmpfs of ORVANTA_JOB_DISK_MB where the worker may mount) and script, a
+    tracking cgroup the spawn is born in (where cgroups are writable), piped output, and
+    the removal of both. Interleaved, like per_job.
     """
     from runtime.cgroups import JobCgroup
+    from runtime.jobdir import JobDir
 
     argv = ["/bin/bash", "-c", "true"]
 
     def bare() -> None:
         subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
 
+    mount = os.geteuid() == 0
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
 
         def guarded() -> None:
-            root = Path(tmp) / uuid.uuid4().hex[:16]
-            (root / "job").mkdir(parents=True)
-            (root / "job" / "main.sh").write_text("true\n")
-            cgroup = JobCgroup.create(root.name)
+            owner = (os.geteuid(), os.getegid())
+            place = JobDir.create(Path(tmp), uuid.uuid4().hex[:16], owner, 256, mount)
+            (place.job_dir / "main.sh").write_text("true\n")
+            cgroup = JobCgroup.create(place.root.name)
             entered = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
             with entered:
                 proc = subprocess.Popen(
-                    ["/bin/bash", str(root / "job" / "main.sh")],
+                    ["/bin/bash", str(place.job_dir / "main.sh")],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    cwd=root / "job",
+                    cwd=place.job_dir,
                     start_new_session=True,
                 )
             proc.communicate()
-            shutil.rmtree(root)
+            place.remove()
             if cgroup is not None:
                 cgroup.remove()
 
@@ -163,7 +174,9 @@ def floor(runs: int) -> dict[str, Any]:
 
 
 def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> list[str]:
-    """The raw tool launching the same trivial command, as an operator would by hand."""
+    """The raw tool launching the same trivial command, as an operator would by hand, with the
+    same isolation the runtime gives: the hardened unshare flags (the job's root mapped to
+    ORVANTA_JOB_UID, which needs the id-map helpers on PATH) and nsjail's config."""
     script = tmp / ("raw.sh" if language == "bash" else "raw.py")
     script.write_text(SCRIPTS[language])
     command = (
@@ -174,9 +187,12 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
     caps = probe_host(settings)
     if backend == "unshare":
         assert caps.unshare.path and caps.tini.path
+        helpers = f"PATH={idmap.launcher_env(settings)['PATH']}"
         return [
+            "/usr/bin/env",
+            helpers,
             caps.unshare.path,
-            *settings.unshare_flags,
+            *launch_flags(settings, caps.unshare.path),
             "--",
             caps.tini.path,
             "-s",
@@ -188,6 +204,7 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
         job_dir = tmp / "rawjob"
         job_dir.mkdir(exist_ok=True)
         (job_dir / script.name).write_text(SCRIPTS[language])
+        os.chown(job_dir, *idmap.job_owner(settings))
         config = tmp / f"raw-{language}.cfg"
         config.write_text(render_config(language, settings, job_dir, timeout=30))
         inner = (
@@ -202,7 +219,8 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
 def throughput(backend: str, jobs: int) -> dict[str, Any]:
     """Trivial Bash jobs/s through the queue for one `orvanta worker`, and the raw tool's rate."""
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
-        env = {**os.environ, **BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp}
+        let_jobs_through(Path(tmp))
+        env = {**os.environ, **bench_env(backend, tmp)}
         from runtime.queue import JobQueue  # not at import: `orvanta` loads this for every command
 
         queue = JobQueue.in_state_dir(Path(tmp))
@@ -228,7 +246,7 @@ def throughput(backend: str, jobs: int) -> dict[str, Any]:
             worker.terminate()
             worker.wait(30)
             queue.close()
-        settings = Settings.from_env({**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp})
+        settings = Settings.from_env(bench_env(backend, tmp))
         raw = raw_command(backend, "bash", settings, Path(tmp))
         raw_started = time.monotonic()
         for _ in range(jobs):

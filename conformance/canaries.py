@@ -1,11 +1,15 @@
-"""The secrets a worker under test holds, which a leak would reveal.
+"""The secrets a worker under test holds, which a leak would reveal, and the decoys a hostile
+job goes after beyond the page's table.
 
 One random secret, planted where the page says a job must not reach it: the
 worker's environment (a SUPERADMIN_SECRET token beside its DATABASE_URL, hence
 also its memory), a file outside the job dir, an fd the worker keeps open on
 that file, and a loopback TCP listener. On agent cells the secret is the
 password in the server's PostgreSQL DATABASE_URL, which the agent never holds.
-Probes look for the public marker; reports mask the random part.
+Beyond the table: a root-owned 0600 decoy to open for writing, a world-readable
+file, another workspace's volume, a directory a poisoned volume would point at,
+and an abstract unix socket. Probes look for the public marker; reports mask
+the random part.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ class Canaries:
     write_dir: Path
     fd: int = -1
     port: int = 0
+    abstract: str = ""  # abstract unix socket name, without the leading NUL
+    extra: dict[str, str] = field(default_factory=dict)  # more CANARY_* for probe jobs
     _listener: socket.socket | None = field(default=None, repr=False)
+    _abstract: socket.socket | None = field(default=None, repr=False)
 
     @classmethod
     def plant(cls, root: Path) -> Canaries:
@@ -42,7 +49,27 @@ class Canaries:
         write_dir = root / "outside"
         write_dir.mkdir(exist_ok=True)
         write_dir.chmod(0o777)
+        decoy = vault / "root-only.conf"
+        decoy.write_text(f"{MARKER} root-only decoy\n")
+        decoy.chmod(0o600)
+        public = root / "public.txt"
+        public.write_text(f"{MARKER} public file\n")
+        public.chmod(0o644)
+        poison = root / "poison"  # root only: a poisoned volume must not make it reachable
+        poison.mkdir(mode=0o700, exist_ok=True)
+        (poison / "marker.txt").write_text(f"{MARKER} poisoned volume target\n")
+        state = root / "state"
+        other = state / "volumes" / "other" / "secret"
+        other.mkdir(parents=True, exist_ok=True)
+        (other / "data.txt").write_text(f"{MARKER} another workspace's volume: {secret}\n")
         canaries = cls(secret, secret_file, write_dir)
+        canaries.extra = {
+            "CANARY_ROOT_FILE": str(decoy),
+            "CANARY_PUBLIC_FILE": str(public),
+            "CANARY_POISON_DIR": str(poison),
+            "CANARY_STATE_DIR": str(state),
+            "CANARY_OTHER_VOLUME": str(other / "data.txt"),
+        }
         canaries.fd = os.open(secret_file, os.O_RDONLY)
         os.set_inheritable(canaries.fd, True)
         return canaries
@@ -62,6 +89,17 @@ class Canaries:
         threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
         return self.port
 
+    def listen_abstract(self) -> str:
+        """An abstract unix socket in this network namespace that hands out the marker."""
+        name = f"orvanta-canary-{secrets.token_hex(6)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind("\0" + name)
+        sock.listen(8)
+        self._abstract = sock
+        self.abstract = name
+        threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        return name
+
     def _serve(self, sock: socket.socket) -> None:
         while True:
             try:
@@ -78,7 +116,10 @@ class Canaries:
             "CANARY_WRITE_DIR": str(self.write_dir),
             "CANARY_PORT": str(self.port),
             "PROBE_TOKEN": token,
+            **self.extra,
         }
+        if self.abstract:
+            env["CANARY_ABSTRACT"] = self.abstract
         env.update({f"PROBE_LIMIT_{k.upper()}": str(v) for k, v in limits.items()})
         return env
 
@@ -88,8 +129,9 @@ class Canaries:
         return SECRET.sub(f"{MARKER}_***", text)
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
+        for sock in (self._listener, self._abstract):
+            if sock is not None:
+                sock.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

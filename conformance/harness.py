@@ -35,12 +35,44 @@ LIMIT_VARS = {
     "pids": "ORVANTA_JOB_PIDS",
     "cpu_seconds": "ORVANTA_JOB_CPU_SECONDS",
     "file_mb": "ORVANTA_JOB_FILE_SIZE_MB",
+    "disk_mb": "ORVANTA_JOB_DISK_MB",
 }
-NEIGHBOUR = """import os, sys
-open("neighbour.txt", "w").write("neighbour job data\\n")
+# The concurrently running job: it leaves data in its dir and, where its sandbox lets it, in
+# /tmp, /dev/shm, a SysV segment and a POSIX queue, for neighbour_files and neighbour_ipc.
+NEIGHBOUR = """import ctypes, ctypes.util, os, sys
+token = os.environ["NEIGHBOUR_TOKEN"]
+mark = b"ORVANTA_CANARY neighbour data\\n"
+open("neighbour.txt", "wb").write(mark)
+for path in (f"/tmp/orvanta-neighbour-{token}", f"/dev/shm/orvanta-neighbour-{token}"):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, mark)
+        os.close(fd)
+    except OSError:
+        pass
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+shm = libc.shmget(int(token[:7], 16) | 0x4F000000, 4096, 0o1000 | 0o644)
+if shm >= 0:
+    addr = libc.shmat(shm, None, 0)
+    if addr not in (None, ctypes.c_void_p(-1).value):
+        ctypes.memmove(addr, mark, len(mark))
+rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
+rt.mq_open(f"/orvanta-neighbour-{token}".encode(), os.O_CREAT | os.O_RDWR, 0o644, None)
 argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]
 os.execv(sys.executable, argv)
 """
+# Kernel settings a probe may write back (with their current value): restored if one changed.
+KERNEL_SETTINGS = (
+    "/proc/sys/kernel/domainname",
+    "/proc/sys/kernel/hostname",
+    "/proc/sys/kernel/core_pattern",
+    "/proc/sys/vm/swappiness",
+    "/sys/kernel/mm/transparent_hugepage/khugepaged/defrag",
+    "/sys/kernel/mm/ksm/run",
+    "/sys/module/printk/parameters/time",
+    "/sys/kernel/mm/transparent_hugepage/use_zero_page",
+)
 
 
 class HarnessError(RuntimeError):
@@ -95,6 +127,7 @@ class CellSession:
         self._agent_env: dict[str, str] = {}
         self._database_url: str | None = None
         self._cleanup = contextlib.ExitStack()
+        self.neighbour_token = secrets.token_hex(8)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -117,7 +150,11 @@ class CellSession:
         self.queue = JobQueue.open(self._database_url, self.state_dir)
         if self.cell.kind == "table":
             self.neighbour_id = self.queue.submit(
-                "python3", self._script(NEIGHBOUR), {}, 900, tag=self.tag
+                "python3",
+                self._script(NEIGHBOUR),
+                {"NEIGHBOUR_TOKEN": self.neighbour_token},
+                900,
+                tag=self.tag,
             )
             self._wait_running(self.neighbour_id)
             self._wait_ready(self._spawn("worker-b"))
@@ -137,6 +174,7 @@ class CellSession:
                 proc.wait()
         if self.queue is not None:
             self.queue.close()
+        self.platform.cleanup(self.neighbour_token)
         self._cleanup.close()
         self.canaries.close()
 
@@ -164,28 +202,67 @@ class CellSession:
 
     # -- probes ----------------------------------------------------------------------------
     def run_probe(self, probe: Probe) -> ProbeRun:
+        """Submit the probe (an earlier planting job first, for two-stage probes), then remove
+        whatever it may have left and put back any kernel setting it changed."""
         assert self.queue is not None, "cell not started"
         token = secrets.token_hex(8)
         env = self.canaries.job_env(token, self.matrix.limits)
+        env.update(self.platform.probe_env())
+        nb = self.neighbour_token
+        env.update(
+            {
+                "CANARY_NEIGHBOUR_TMP": f"/tmp/orvanta-neighbour-{nb}",
+                "CANARY_NEIGHBOUR_SHM": f"/dev/shm/orvanta-neighbour-{nb}",
+                "CANARY_NEIGHBOUR_SYSV_KEY": str(int(nb[:7], 16) | 0x4F000000),
+                "CANARY_NEIGHBOUR_MQ": f"/orvanta-neighbour-{nb}",
+            }
+        )
         if self.service is not None:
             env.update({"PROBE_SERVER_URL": self.service.url, "PROBE_OTHER_JOB": self.other_job})
-        job_id = self.queue.submit(
-            probe.language,
-            self._script(probe.script.read_text()),
-            env,
-            PROBE_TIMEOUT,
-            tag=self.tag,
-        )
+        volume = self.state_dir / "volumes" / "default" / probe.name
+        env["PROBE_VOLUME_HOST"] = str(volume)
+        kernel = _read_all(KERNEL_SETTINGS)
+        try:
+            if probe.stages == 2:
+                planted = self._probe_job(probe, {**env, "PROBE_STAGE": "plant"})
+                verdict = parse_verdict(planted.stdout) or _refusal(probe, planted)
+                if verdict is None or verdict.get("outcome") == "error" or verdict.get("refused"):
+                    return ProbeRun(self.cell.id, probe.name, planted, verdict, [])
+                attack = {k: v.replace("{volume}", str(volume)) for k, v in probe.attack_env}
+                env = {**env, **attack, "PROBE_STAGE": "attack"}
+            result = self._probe_job(probe, env)
+            verdict = parse_verdict(result.stdout) or _refusal(probe, result)
+            survivors = self.platform.survivors(token)
+        finally:
+            self.platform.cleanup(token)
+            _restore(kernel)
+            _restore_volume(volume)
+        return ProbeRun(self.cell.id, probe.name, result, verdict, survivors)
+
+    def _probe_job(self, probe: Probe, env: dict[str, str]) -> JobResult:
+        """One job of the probe; a submission the queue refuses is the runtime's answer too."""
+        assert self.queue is not None
+        try:
+            job_id = self.queue.submit(
+                probe.language,
+                self._script(probe.script.read_text()),
+                env,
+                PROBE_TIMEOUT,
+                tag=self.tag,
+            )
+        except ValueError as exc:
+            return _refused(self.cell.backend, exc)
         job = self.queue.wait(job_id, PROBE_TIMEOUT + 30)
         assert job.result is not None
-        survivors = self.platform.survivors(token)
-        return ProbeRun(
-            self.cell.id, probe.name, job.result, parse_verdict(job.result.stdout), survivors
-        )
+        return job.result
 
     def run_script(self, language: str, script: str) -> JobResult:
+        """One job; a submission the queue refuses comes back as that job's error."""
         assert self.queue is not None, "cell not started"
-        job_id = self.queue.submit(language, self._script(script), {}, 30, tag=self.tag)
+        try:
+            job_id = self.queue.submit(language, self._script(script), {}, 30, tag=self.tag)
+        except ValueError as exc:
+            return _refused(self.cell.backend, exc)
         job = self.queue.wait(job_id, 60)
         assert job.result is not None
         return job.result
@@ -201,7 +278,7 @@ class CellSession:
 
     # -- helpers ---------------------------------------------------------------------------
     def _script(self, text: str) -> str:
-        return f"# sandbox\n{text}" if self.cell.annotate else text
+        return f"{self.cell.annotate}\n{text}" if self.cell.annotate else text
 
     def _worker_env(self) -> dict[str, str]:
         env = self.platform.base_env()
@@ -249,3 +326,49 @@ class CellSession:
                 return
             time.sleep(0.02)
         raise HarnessError(f"neighbour job {job_id} was never picked up")
+
+
+def _read_all(paths: tuple[str, ...]) -> dict[str, bytes]:
+    values = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            values[path] = Path(path).read_bytes()
+    return values
+
+
+def _restore(before: dict[str, bytes]) -> None:
+    """Put back any kernel setting a probe changed (probes only write back current values)."""
+    for path, value in _read_all(tuple(before)).items():
+        if value != before[path]:
+            with contextlib.suppress(OSError):
+                Path(path).write_bytes(before[path])
+
+
+def _restore_volume(volume: Path) -> None:
+    """A probe that replaced its volume by a symlink: the link goes, the directory comes back."""
+    if not volume.is_symlink():
+        return
+    volume.unlink()
+    for original in volume.parent.glob(f"{volume.name}.orig-*"):
+        original.rename(volume)
+        break
+
+
+def _refusal(probe: Probe, result: JobResult) -> dict[str, Any] | None:
+    """A job refused before it ran, for the very thing the probe tries (a poisoned volume, a
+    refused variable): the runtime held, which is the probe's "blocked"."""
+    if result.status != "error" or not any(t in result.stderr for t in probe.refused_with):
+        return None
+    return {
+        "probe": probe.name,
+        "outcome": "blocked",
+        "refused": True,
+        "evidence": result.stderr[-800:],
+    }
+
+
+def _refused(backend: str, exc: ValueError) -> JobResult:
+    """The record of a job the queue refused at submission (it never ran)."""
+    return JobResult(
+        "refused", backend, "error", None, 0.0, "", str(exc), [f"refused at submission: {exc}"]
+    )

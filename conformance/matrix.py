@@ -36,23 +36,27 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Override:
+    outcome: str
+    kind: str  # documented | finding
+    reason: str
+
+
+@dataclass(frozen=True)
 class Probe:
     name: str
     row: str  # the table property it attacks
     req: tuple[str, ...]
     script: Path
     needs: str = ""  # a platform mode (agent) the probe only makes sense on; "" for every cell
+    stages: int = 1  # 2: an earlier job plants (PROBE_STAGE=plant), a later one attacks
+    attack_env: tuple[tuple[str, str], ...] = ()  # job variables of the attack; {volume} filled
+    expect: tuple[tuple[str, Override], ...] = ()  # per backend, where it differs from its row
+    refused_with: tuple[str, ...] = ()  # a job refused with one of these texts held it off
 
     @property
     def language(self) -> str:
         return "bash" if self.script.suffix == ".sh" else "python3"
-
-
-@dataclass(frozen=True)
-class Override:
-    outcome: str
-    kind: str  # documented | finding
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Cell:
     kind: str  # table | refuses_start | job_error | job_exit
     message: str  # what refuses_start / job_error / job_exit must contain
     req: tuple[str, ...]
-    annotate: bool = False
+    annotate: str = ""  # a header line put before every script, e.g. "# sandbox" (R-ANN-1)
     overrides: dict[str, Override] = field(default_factory=dict)
     startup_log: tuple[str, ...] = ()
     job: str = ""  # job_exit: the script of fixtures/jobs/ to run
@@ -97,7 +101,7 @@ class Matrix:
         return "blocked" if value in self.protected else "exposed"
 
     def expected(self, cell: Cell, probe: Probe) -> tuple[str, Override | None]:
-        override = cell.overrides.get(probe.name)
+        override = cell.overrides.get(probe.name) or dict(probe.expect).get(cell.backend)
         if override is not None:
             return override.outcome, override
         return self.documented(cell, probe), None
@@ -172,7 +176,59 @@ def _probe(path: Path, name: str, spec: dict[str, Any], table: dict[str, Row]) -
     needs = str(spec.get("needs", ""))
     if needs not in ("", *MODES):
         raise MatrixError(path, f"probes.{name}.needs", f"{needs!r} is not one of {list(MODES)}")
-    return Probe(name, spec["property"], tuple(spec.get("req", ())), scripts[0], needs)
+    stages = int(spec.get("stages", 1))
+    if stages not in (1, 2):
+        raise MatrixError(path, f"probes.{name}.stages", "1, or 2 (plant, then attack)")
+    expect = tuple(
+        (backend, _override(path, f"probes.{name}.expect.{backend}", o))
+        for backend, o in (spec.get("expect") or {}).items()
+    )
+    unknown = [b for b, _ in expect if b not in BACKENDS]
+    if unknown:
+        raise MatrixError(path, f"probes.{name}.expect", f"{unknown} not in {list(BACKENDS)}")
+    attack_env = tuple((str(k), str(v)) for k, v in (spec.get("attack_env") or {}).items())
+    return Probe(
+        name,
+        spec["property"],
+        tuple(spec.get("req", ())),
+        scripts[0],
+        needs,
+        stages,
+        attack_env,
+        expect,
+        _texts(spec.get("refused_with")),
+    )
+
+
+def _annotation(value: Any) -> str:
+    """`annotate: true` is the page's `# sandbox`; a string is the header line itself (the
+    lenient and near-miss forms of the sandbox annotation)."""
+    if value is True:
+        return "# sandbox"
+    return str(value) if value else ""
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    """One text or a list of them."""
+    if value is None:
+        return ()
+    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _override(path: Path, where: str, o: Any) -> Override:
+    if (
+        not isinstance(o, dict)
+        or o.get("outcome") not in OUTCOMES
+        or o.get("kind")
+        not in (
+            "documented",
+            "finding",
+        )
+    ):
+        raise MatrixError(
+            path, where, "needs outcome: blocked|exposed and kind: documented|finding"
+        )
+    return Override(o["outcome"], o["kind"], str(o.get("reason", "")))
 
 
 def _cell(
@@ -210,13 +266,7 @@ def _cell(
     for name, o in {**platform_overrides, **(spec.get("overrides") or {})}.items():
         if name not in probes:
             raise MatrixError(path, f"{where}.overrides", f"unknown probe {name!r}")
-        if o.get("outcome") not in OUTCOMES or o.get("kind") not in ("documented", "finding"):
-            raise MatrixError(
-                path,
-                f"{where}.overrides.{name}",
-                "needs outcome: blocked|exposed and kind: documented|finding",
-            )
-        overrides[name] = Override(o["outcome"], o["kind"], str(o.get("reason", "")))
+        overrides[name] = _override(path, f"{where}.overrides.{name}", o)
     return Cell(
         id=str(spec["id"]),
         platform=spec["platform"],
@@ -225,7 +275,7 @@ def _cell(
         kind=kind,
         message=str(message),
         req=tuple(spec.get("req", ())),
-        annotate=bool(spec.get("annotate", False)),
+        annotate=_annotation(spec.get("annotate", False)),
         overrides=overrides,
         startup_log=tuple(spec.get("startup_log", ())),
         job=str(spec.get("job", "")),

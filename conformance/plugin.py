@@ -8,6 +8,7 @@ arguments it needs (`cell`, `probe`) and which kind of cell it checks;
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from conformance.harness import CellSession
 from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, Probe, current_env_cell, load
 from conformance.platforms import driver_of, finish, open_platform, prepare, unavailable
 from conformance.platforms.session import start_session
+from runtime.jobdir import remove_tree
 
 MATRIX_KEY = pytest.StashKey[Matrix]()
 
@@ -189,14 +191,24 @@ def matrix(request: pytest.FixtureRequest) -> Matrix:
 
 
 @pytest.fixture(scope="session")
-def cell(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CellSession]:
+def cells_root() -> Iterator[Path]:
+    """Where cells keep their state, canaries and job dirs: a directory jobs may pass through
+    (0711). Jobs under unshare run as the unprivileged ORVANTA_JOB_UID and reach their job
+    dirs and the canaries by path; pytest's own 0700 temporary directories would stop them."""
+    root = Path(tempfile.mkdtemp(prefix="orvanta-cells-"))
+    root.chmod(0o711)
+    yield root
+    remove_tree(root)  # unmounts anything a worker left mounted, then deletes
+
+
+@pytest.fixture(scope="session")
+def cell(request: pytest.FixtureRequest, cells_root: Path) -> Iterator[CellSession]:
     """A started cell: its workers, canaries and queue; torn down when its tests are done."""
     spec: Cell = request.param
     matrix = matrix_of(request.config)
     platform = open_platform(spec.platform, matrix.platforms.get(spec.platform, {}))
-    root = tmp_path_factory.mktemp(spec.id.replace("/", "_"))
+    root = Path(tempfile.mkdtemp(prefix=spec.id.replace("/", "_") + "-", dir=cells_root))
+    root.chmod(0o711)
     session = CellSession(matrix, spec, platform, root)
     try:
         session.start()

@@ -44,6 +44,13 @@ class Platform(Protocol):
     def survivors(self, marker: str) -> list[str]:
         """Command lines of live processes whose argv contains marker."""
 
+    def probe_env(self) -> dict[str, str]:
+        """Canaries only this platform can plant (a victim cgroup on the host)."""
+
+    def cleanup(self, token: str) -> list[str]:
+        """Remove what a probe job with this token may have left (files, IPC, cgroups,
+        processes) where the harness can reach it; returns what was removed."""
+
     def facts(self) -> dict[str, Any]:
         """Kernel, capabilities, seccomp... of the place workers run, for the report."""
 

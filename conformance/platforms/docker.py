@@ -22,7 +22,7 @@ import docker
 
 from conformance.canaries import Canaries
 from conformance.image import worker_image
-from conformance.platforms.host import survivors
+from conformance.platforms.host import kill_marked, survivors
 from conformance.platforms.session import alive, session
 from runtime.doctor import CAPS, cap_names
 
@@ -30,12 +30,18 @@ ENGINE_UNKNOWN = {"PERFMON", "BPF", "CHECKPOINT_RESTORE"}  # newer than Debian's
 SESSION_LABEL = "orvanta.session"
 LISTENER_PORT = 47047
 LISTENER = """
-import socket, sys
-s = socket.create_server(("127.0.0.1", int(sys.argv[1])))
-while True:
-    c, _ = s.accept()
-    c.sendall(b"ORVANTA_CANARY listener\\n")
-    c.close()
+import socket, sys, threading
+tcp = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+unix.bind("\\0" + sys.argv[2])
+unix.listen(8)
+def serve(s):
+    while True:
+        c, _ = s.accept()
+        c.sendall(b"ORVANTA_CANARY listener\\n")
+        c.close()
+threading.Thread(target=serve, args=(unix,), daemon=True).start()
+serve(tcp)
 """
 
 
@@ -111,14 +117,23 @@ class DockerPlatform:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
     def listen(self, canaries: Canaries) -> int:
-        """The canary listener inside the container's own network namespace."""
+        """The canary listeners (TCP, abstract unix) inside the container's network namespace."""
+        name = f"orvanta-canary-{self.id[:12]}"
         subprocess.run(
-            ["docker", "exec", "-d", self.id, "python3", "-c", LISTENER, str(LISTENER_PORT)],
+            ["docker", "exec", "-d", self.id, "python3", "-c", LISTENER, str(LISTENER_PORT), name],
             check=True,
             capture_output=True,
         )
         canaries.port = LISTENER_PORT
+        canaries.abstract = name
         return LISTENER_PORT
+
+    def probe_env(self) -> dict[str, str]:
+        return {}  # the host's cgroups are not the container's: no victim group to give
+
+    def cleanup(self, token: str) -> list[str]:
+        """Inside the container, /tmp, /dev/shm and IPC go with it; processes by marker."""
+        return kill_marked(token)
 
     def stop_workers(self) -> None:
         subprocess.run(

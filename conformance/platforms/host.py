@@ -7,10 +7,16 @@ cannot create user namespaces, and the host's own limit is never touched.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import platform
+import secrets
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ class HostPlatform:
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
+        self.victim: Path | None = None
         self.prefix: list[str] = []
         if options.get("userns_off"):
             self.prefix = [
@@ -54,7 +61,13 @@ class HostPlatform:
         return survivors(marker)
 
     def start(self, root: Path) -> None:
-        pass
+        self.victim = make_victim_cgroup()
+
+    def probe_env(self) -> dict[str, str]:
+        return {"CANARY_CGROUP": str(self.victim)} if self.victim else {}
+
+    def cleanup(self, token: str) -> list[str]:
+        return cleanup_host(token, self.victim)
 
     def base_env(self) -> dict[str, str]:
         """What an operator's shell hands the worker, minus every isolation setting."""
@@ -62,6 +75,7 @@ class HostPlatform:
         return {k: v for k, v in os.environ.items() if k not in drop}
 
     def listen(self, canaries: Canaries) -> int:
+        canaries.listen_abstract()
         return canaries.listen()
 
     def stop_workers(self) -> None:
@@ -82,7 +96,9 @@ class HostPlatform:
         }
 
     def close(self) -> None:
-        pass
+        if self.victim is not None:
+            remove_cgroup(self.victim)
+            self.victim = None
 
 
 def survivors(marker: str) -> list[str]:
@@ -102,3 +118,97 @@ def survivors(marker: str) -> list[str]:
             args = cmdline.replace(b"\0", b" ").decode(errors="replace")
             found.append(f"{entry}: {args}")
     return found
+
+
+def kill_marked(marker: str) -> list[str]:
+    """SIGKILL every process whose argv holds `marker` (a probe's survivors, by pid)."""
+    killed = []
+    for line in survivors(marker):
+        pid = int(line.split(":", 1)[0])
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(f"process {line}")
+    return killed
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def make_victim_cgroup() -> Path | None:
+    """A cgroup the harness owns, for probes to try to freeze, join or write (R-HOST-2)."""
+    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+    base = CGROUP_ROOT if v2 else CGROUP_ROOT / "freezer"
+    victim = base / f"orvanta-victim-{secrets.token_hex(4)}"
+    try:
+        victim.mkdir()
+    except OSError:
+        return None  # cgroups are not writable here: the probes fall back to the worker's group
+    return victim
+
+
+def remove_cgroup(group: Path) -> None:
+    """Thaw, empty and remove a cgroup and everything below it (deepest first)."""
+    groups = sorted((Path(top) for top, _, _ in os.walk(group)), key=lambda p: -len(p.parts))
+    for path in groups:
+        for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+            with contextlib.suppress(OSError):
+                (path / name).write_text(value)
+        with contextlib.suppress(OSError):
+            for pid in (path / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+    for path in groups:
+        for _ in range(100):
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+def cleanup_host(token: str, victim: Path | None) -> list[str]:
+    """What probe `token` may have left on this host: files, IPC, cgroups, processes."""
+    removed = kill_marked(token)
+    for pattern in (
+        f"/tmp/orvanta-*-{token}*",
+        f"/var/tmp/orvanta-*-{token}*",
+        f"/dev/shm/orvanta-*-{token}*",
+        f"/dev/mqueue/orvanta-*-{token}*",
+    ):
+        for path in glob.glob(pattern):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            removed.append(path)
+    if mq_unlink(f"/orvanta-leftover-{token}") or mq_unlink(f"/orvanta-neighbour-{token}"):
+        removed.append(f"POSIX message queue of {token}")
+    key = int(token[:7], 16) | 0x4F000000  # the SysV key leftover_sysv derives from its token
+    if subprocess.run(["ipcrm", "-M", str(key)], capture_output=True, check=False).returncode == 0:
+        removed.append(f"SysV shm key {key:#x}")
+    places = [f"{CGROUP_ROOT}/*/orvanta-probe-{token}", f"{CGROUP_ROOT}/orvanta-probe-{token}"]
+    if victim is not None:
+        places.append(f"{victim}/orvanta-probe-{token}")
+    for pattern in places:
+        for path in glob.glob(pattern):
+            remove_cgroup(Path(path))
+            removed.append(path)
+    if victim is not None:  # a probe that joined the victim group: gone with its job
+        with contextlib.suppress(OSError):
+            for pid in (victim / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+                removed.append(f"pid {pid} in the victim cgroup")
+    return removed
+
+
+def mq_unlink(name: str) -> bool:
+    """Remove a POSIX message queue by name (no /dev/mqueue needed); True if one was there."""
+    import ctypes
+    import ctypes.util
+
+    lib = ctypes.CDLL(ctypes.util.find_library("rt") or "libc.so.6", use_errno=True)
+    return bool(lib.mq_unlink(name.encode()) == 0)
