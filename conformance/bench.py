@@ -85,8 +85,12 @@ def bench_command(args: argparse.Namespace, _settings: object) -> int:
 
 
 def bench_env(backend: str, tmp: str) -> dict[str, str]:
-    """A worker of `backend` whose state and job dirs both live in the temporary dir."""
-    return {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": tmp, "ORVANTA_JOBS_DIR": f"{tmp}/jobs"}
+    """A worker of `backend` whose state (0700) and job dirs both live in the temporary dir."""
+    return {
+        **BACKEND_ENV[backend],
+        "ORVANTA_STATE_DIR": f"{tmp}/state",
+        "ORVANTA_JOBS_DIR": f"{tmp}/jobs",
+    }
 
 
 def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
@@ -223,7 +227,7 @@ def throughput(backend: str, jobs: int) -> dict[str, Any]:
         env = {**os.environ, **bench_env(backend, tmp)}
         from runtime.queue import JobQueue  # not at import: `orvanta` loads this for every command
 
-        queue = JobQueue.in_state_dir(Path(tmp))
+        queue = JobQueue.in_state_dir(Path(tmp) / "state")
         ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
         worker = subprocess.Popen(
             [sys.executable, "-m", "runtime.cli", "worker"],
