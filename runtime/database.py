@@ -8,6 +8,8 @@ placeholders; only claiming differs (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sqlite3
 import threading
@@ -71,6 +73,12 @@ class SqliteDatabase:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.display = str(path)
         self._lock = threading.RLock()
+        # 0600 before SQLite opens it: the queue holds every job's script and variables, and
+        # its -wal and -shm files take the database file's mode (R-HOST-4)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        with contextlib.suppress(PermissionError):
+            if path.stat().st_uid == os.geteuid():
+                path.chmod(0o600)
         self._db = sqlite3.connect(
             path, timeout=30.0, isolation_level=None, check_same_thread=False
         )

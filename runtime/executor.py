@@ -95,7 +95,7 @@ class JobRunner:
         self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         if self.jobs_dir.stat().st_uid == os.geteuid():
             self.jobs_dir.chmod(0o711)  # enter your own job dir; list nobody else's (R-HOST-4)
-        idmap.install_helpers(settings)
+        idmap.prepare_state_dir(settings.state_dir)  # 0700: the queue file, volumes (R-HOST-4)
         swept = sweep_orphans(self.jobs_dir)
         if swept:
             log.warning("removed %d job dir(s) a killed worker left: %s", len(swept), swept)

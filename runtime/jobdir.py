@@ -50,8 +50,10 @@ class JobDir:
         control = root / "control"
         control.mkdir(mode=0o700)
         place = cls(root, job_dir, control, quota=False, owner=owner)
-        place.lock_fd = os.open(control / LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # locked before it has its name: a starting worker's sweep never sees it unlocked
+        place.lock_fd = os.open(control / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(place.lock_fd, fcntl.LOCK_EX)
+        os.rename(control / ".lock", control / LOCK)
         if mount:
             try:
                 mounts.tmpfs(str(job_dir), disk_mb, *owner)

@@ -142,3 +142,29 @@ def test_a_starting_worker_removes_what_a_killed_one_left_mounted(tmp_path: Path
     assert live.job_dir.is_mount()
     live.remove()
     assert not live.root.exists()
+
+
+@pytest.mark.req("R-HOST-4")
+def test_the_workers_state_is_its_own(tmp_path: Path) -> None:
+    """State dir 0700, queue file (and its WAL) 0600, jobs root 0711 whatever the umask."""
+    from runtime.queue import JobQueue
+
+    old = os.umask(0)
+    try:
+        r = runner(tmp_path, "none")
+        queue = JobQueue.in_state_dir(r.settings.state_dir)
+        queue.submit("bash", "true\n")
+        modes = {
+            path.name: stat.S_IMODE(path.stat().st_mode)
+            for path in (r.settings.state_dir, r.jobs_dir, *r.settings.state_dir.glob("queue*"))
+        }
+        queue.close()
+    finally:
+        os.umask(old)
+    assert modes == {
+        "state": 0o700,
+        "state-jobs": 0o711,
+        "queue.sqlite3": 0o600,
+        "queue.sqlite3-wal": 0o600,
+        "queue.sqlite3-shm": 0o600,
+    }
