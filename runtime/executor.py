@@ -24,7 +24,7 @@ from typing import Any
 from runtime import idmap, reaper
 from runtime.backends import PreparedJob, make_backend
 from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
-from runtime.jobdir import JobDir, remove_tree, sweep_orphans
+from runtime.jobdir import JobDir, held, remove_tree, sweep_orphans
 from runtime.languages import is_plain_name, language, volume_annotations, wants_sandbox
 from runtime.selection import Decision, IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
@@ -91,8 +91,9 @@ class JobRunner:
     def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
         self.settings = settings
         self.caps = caps
-        self.jobs_dir = settings.job_root
-        self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        settings.job_root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        # resolved: mountinfo, which remove_tree reads, knows mount points by their real path
+        self.jobs_dir = settings.job_root.resolve()
         if self.jobs_dir.stat().st_uid == os.geteuid():
             self.jobs_dir.chmod(0o711)  # enter your own job dir; list nobody else's (R-HOST-4)
         idmap.prepare_state_dir(settings.state_dir)  # 0700: the queue file, volumes (R-HOST-4)
@@ -133,6 +134,10 @@ class JobRunner:
         # A fresh tracking group holds no process of an earlier attempt, but that attempt's
         # directory may survive it (a reboot or container restart resets cgroups only).
         stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
+        if root.exists() and held(root):
+            why = "another worker still runs this job (it lost the lease); try again later"
+            job_log.append(f"error: {why}")
+            return JobResult(spec.id, decision.backend, "error", None, 0.0, "", why, job_log)
         if stale or root.exists():
             # A retry after a worker died mid-job: nothing of that attempt may linger.
             killed = cgroup.kill_all() if cgroup is not None else 0
@@ -154,7 +159,7 @@ class JobRunner:
                     "job dirs: this worker may not mount a tmpfs here, so a job's disk use is "
                     "not bounded by ORVANTA_JOB_DISK_MB (R-DISK-1)"
                 )
-            (place.job_dir / lang.filename).write_text(spec.script)
+            place.write_script(lang.filename, spec.script)
             jail_binds: list[tuple[str, str]] = []
             try:
                 while volume_fds:
@@ -169,6 +174,7 @@ class JobRunner:
                 return JobResult(
                     spec.id, decision.backend, "error", None, 0.0, "", str(exc), job_log
                 )
+            place.hand_over()
             job = PreparedJob(
                 spec.id,
                 lang,
@@ -188,12 +194,14 @@ class JobRunner:
         finally:
             for fd, _ in volume_fds:
                 os.close(fd)
-            if place is not None:
-                place.remove()
-            else:
-                remove_tree(root)
-            if cgroup is not None:
-                cgroup.remove()
+            try:
+                if place is not None:
+                    place.remove()
+                else:
+                    remove_tree(root)
+            finally:
+                if cgroup is not None:
+                    cgroup.remove()
         exit_code, stopped, stdout, stderr, notes = outcome
         job_log.extend(notes)
         if stopped:

@@ -26,7 +26,7 @@ SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 HELPER = """#!/bin/sh
 # Written by the orvanta worker: newuidmap/newgidmap for util-linux unshare run by root.
 set -eu
-case "$0" in *gid*) file=gid_map ;; *) file=uid_map ;; esac
+case "${0##*/}" in *gid*) file=gid_map ;; *) file=uid_map ;; esac
 pid=$1; shift
 case "$pid" in ''|*[!0-9]*) echo "$0: bad pid $pid" >&2; exit 1 ;; esac
 map=""
@@ -106,8 +106,16 @@ def launcher_env(settings: Settings) -> dict[str, str]:
 
 
 def install_helpers(settings: Settings) -> None:
-    """The state dir (0700) with the two id-map helpers in it; idempotent."""
+    """The state dir (0700) with the two id-map helpers in it; idempotent. Root runs them, so
+    a state dir that anyone but this worker's user could write to is refused."""
     prepare_state_dir(settings.state_dir)
+    info = settings.state_dir.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise PermissionError(
+            f"ORVANTA_STATE_DIR={settings.state_dir} belongs to uid {info.st_uid} with mode "
+            f"{info.st_mode & 0o777:o}: the worker runs helpers from it as root, so it must be "
+            "the worker's own and writable by no one else (chown it, chmod 700)"
+        )
     bin_dir = helper_dir(settings)
     bin_dir.mkdir(mode=0o700, exist_ok=True)
     for name in ("newuidmap", "newgidmap"):

@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,17 +56,28 @@ class JobDir:
         fcntl.flock(place.lock_fd, fcntl.LOCK_EX)
         os.rename(control / ".lock", control / LOCK)
         if mount:
-            try:
-                mounts.tmpfs(str(job_dir), disk_mb, *owner)
+            try:  # the worker's own until hand_over: no job can enter while it is set up
+                mounts.tmpfs(str(job_dir), disk_mb, os.geteuid(), os.getegid())
                 place.mounted.append(str(job_dir))
                 place.quota = True
             except mounts.MountError as exc:
                 log.debug("job %s: no tmpfs job dir (%s)", job_id, exc)
-        if not place.quota and owner != (os.geteuid(), os.getegid()):
-            os.chown(job_dir, *owner)
         return place
 
+    def write_script(self, name: str, text: str) -> None:
+        """The job's script, created (never followed or reused) in the job dir."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.job_dir / name, flags, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    def hand_over(self) -> None:
+        """The job dir becomes the job's, once everything the worker puts in it is there."""
+        if self.owner != (os.geteuid(), os.getegid()):
+            os.chown(self.job_dir, *self.owner, follow_symlinks=False)
+
     def add_volume(self, volume_fd: int, name: str, jail_binds: bool = False) -> str | None:
+        # called before hand_over: the job dir is the worker's alone (0700) while this runs
         """The volume at ./name: bound nosuid,nodev where the worker may mount. Where it may
         not, and `jail_binds` (nsjail mounts in a namespace of its own), the path the jail is
         to bind is returned. Else a link."""
@@ -103,28 +115,45 @@ class JobDir:
         return st.f_bavail * st.f_frsize < 64 * 1024
 
     def remove(self) -> None:
-        """Unmount, strip setid bits the job left in its volumes, and delete the rest."""
-        for target in reversed(self.mounted):
-            try:
-                mounts.detach(target)
-            except OSError as exc:
-                log.error("cannot unmount %s: %s", target, exc)
-        self.mounted.clear()
-        for fd in self.volume_fds:
-            try:
+        """Unmount, strip setid bits the job left in its volumes, and delete the rest; the fds
+        and the lock are let go whatever fails on the way."""
+        try:
+            for target in reversed(self.mounted):
+                try:
+                    mounts.detach(target)
+                except OSError as exc:
+                    log.error("cannot unmount %s: %s", target, exc)
+            self.mounted.clear()
+            for fd in self.volume_fds:
                 stripped = strip_setid(fd)
                 if stripped:
                     log.warning("stripped setuid/setgid bits from %d file(s) in a volume", stripped)
-            finally:
+            remove_tree(self.root)
+        finally:
+            for fd in self.volume_fds:
                 os.close(fd)
-        self.volume_fds.clear()
-        remove_tree(self.root)
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
+            self.volume_fds.clear()
+            if self.lock_fd >= 0:
+                os.close(self.lock_fd)
+                self.lock_fd = -1
 
 
 LOCK = "owner.lock"
+
+
+def held(root: Path) -> bool:
+    """A live worker holds this job dir's lock (a job whose lease it lost, still running)."""
+    try:
+        fd = os.open(root / "control" / LOCK, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def sweep_orphans(jobs_root: Path) -> list[str]:
@@ -135,16 +164,8 @@ def sweep_orphans(jobs_root: Path) -> list[str]:
     except OSError:
         return swept
     for root in entries:
-        try:
-            fd = os.open(root / "control" / LOCK, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            continue  # being made right now, or not a job dir of this release
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a live worker's job
-        finally:
-            os.close(fd)
+        if not (root / "control" / LOCK).exists() or held(root):
+            continue  # being made right now, a live worker's, or not a job dir of this release
         remove_tree(root)
         swept.append(root.name)
     return swept
@@ -157,7 +178,10 @@ def remove_tree(root: Path) -> None:
     for target in sorted(_mount_points(prefix), key=len, reverse=True):
         with contextlib.suppress(OSError):
             mounts.detach(target)
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        shutil.rmtree(root, ignore_errors=True)
+    except RecursionError:  # deeper than Python's stack: rm walks it without recursion
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(root)], check=False)
 
 
 def _mount_points(prefix: str) -> list[str]:

@@ -21,6 +21,7 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 
 class MountError(OSError):
@@ -70,4 +71,4 @@ def bind(source: str, target: str) -> None:
 
 def detach(target: str) -> None:
     """Lazy unmount: gone from the tree at once, freed when the last user lets go."""
-    _check(_libc().umount2(target.encode(), MNT_DETACH), "umount", target)
+    _check(_libc().umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW), "umount", target)

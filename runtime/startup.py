@@ -155,17 +155,27 @@ def probe_unshare(settings: Settings) -> Probe:
     ok, output = _run([path, *settings.unshare_flags, "--", "/bin/true"])
     if not ok:
         return Probe(None, output or "unshare exited non-zero without a message")
-    flags = launch_flags(settings, path)
+    try:
+        flags = launch_flags(settings, path)
+    except ValueError as exc:  # a spelling the worker cannot read as unshare would
+        return Probe(None, f"{exc}; write each flag out in full (e.g. --map-root-user)")
     if flags != list(settings.unshare_flags):
-        idmap.install_helpers(settings)  # the id-map helpers the hardened flags need
+        try:
+            idmap.install_helpers(settings)  # the id-map helpers the hardened flags need
+        except OSError as exc:
+            return Probe(None, str(exc))
         problem = _jobs_root_problem(settings)
         if problem:
             return Probe(None, problem)
-        ok, output = _run([path, *flags, "--", "/bin/true"], idmap.launcher_env(settings))
-        if not ok:
+        # Proof, not trust: the job's effective uid on the host must be ORVANTA_JOB_UID.
+        show = [path, *flags, "--", "/bin/cat", "/proc/self/uid_map", "/proc/self/status"]
+        ok, output = _run(show, idmap.launcher_env(settings), want_stdout=True)
+        host_uid = _host_euid(output) if ok else None
+        if host_uid != settings.job_uid:
+            why = output if not ok else f"the job would run as host uid {host_uid}"
             return Probe(
                 None,
-                f"{output or 'unshare exited non-zero without a message'} (with the job's root "
+                f"{why or 'unshare exited non-zero without a message'} (with the job's root "
                 f"mapped to host uid {settings.job_uid}: {' '.join(flags)})",
             )
     return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")
@@ -201,7 +211,27 @@ def probe_host(settings: Settings) -> HostCapabilities:
     return caps
 
 
-def _run(argv: list[str], env: dict[str, str] | None = None) -> tuple[bool, str]:
+def _host_euid(text: str) -> int | None:
+    """The host uid of a process from its uid_map and status (as `cat` printed them)."""
+    maps = []
+    euid = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            maps.append(tuple(int(p) for p in parts))
+        elif line.startswith("Uid:"):
+            euid = int(parts[2])
+    if euid is None:
+        return None
+    for inside, outside, count in maps:
+        if inside <= euid < inside + count:
+            return outside + euid - inside
+    return None
+
+
+def _run(
+    argv: list[str], env: dict[str, str] | None = None, want_stdout: bool = False
+) -> tuple[bool, str]:
     """Run a probe command in a session of its own: on a timeout the whole group dies, not only
     its first process (a helper it forked would otherwise hold the pipes, and live on)."""
     try:
@@ -223,7 +253,12 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> tuple[bool, str]
             os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
         return False, f"{argv[0]} did not finish within {PROBE_TIMEOUT:g}s"
+    finally:  # util-linux leaves its id-map helper waiting when unshare() itself fails
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
     proc = subprocess.CompletedProcess(argv, child.returncode, stdout, stderr)
+    if want_stdout and proc.returncode == 0:
+        return True, proc.stdout
     output = (proc.stderr or proc.stdout).strip()
     return proc.returncode == 0, output
 

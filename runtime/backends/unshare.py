@@ -13,7 +13,6 @@ long-lived command line. With a root worker the flags are hardened
 from __future__ import annotations
 
 import functools
-import re
 import subprocess
 
 from runtime import idmap
@@ -22,36 +21,94 @@ from runtime.settings import Settings
 from runtime.startup import HostCapabilities
 
 ENV = "/usr/bin/env"
-_CLUSTER = re.compile(r"^-[mUuinpCTfrc]{2,}$")  # short flags that take no value, e.g. -Urpf
-_USERNS = {"-U", "--user", "-r", "--map-root-user", "-c", "--map-current-user", "--map-auto"}
-_MAP_WITH_VALUE = ("--map-user", "--map-group", "--map-users", "--map-groups")
+
+# util-linux unshare's options (2.38, 2.39): long name -> takes a value ("no", "opt", "req").
+# getopt_long also takes any unambiguous prefix of a long name (`--map-root`), and short
+# options clustered, with a value glued on (`-rw/`): every spelling must be read as unshare
+# reads it, or a mapping to the host's root slips through the rewrite below.
+LONG_OPTIONS = {
+    "mount": "opt", "uts": "opt", "ipc": "opt", "net": "opt", "pid": "opt", "user": "opt",
+    "cgroup": "opt", "time": "opt", "fork": "no", "kill-child": "opt", "mount-proc": "opt",
+    "map-user": "req", "map-group": "req", "map-root-user": "no", "map-current-user": "no",
+    "map-auto": "no", "map-users": "req", "map-groups": "req", "propagation": "req",
+    "setgroups": "req", "keep-caps": "no", "root": "req", "wd": "req", "setuid": "req",
+    "setgid": "req", "monotonic": "req", "boottime": "req", "help": "no", "version": "no",
+}  # fmt: skip
+SHORT_OPTIONS = {
+    "m": "mount", "u": "uts", "i": "ipc", "n": "net", "p": "pid", "U": "user", "C": "cgroup",
+    "T": "time", "f": "fork", "r": "map-root-user", "c": "map-current-user", "R": "root",
+    "w": "wd", "S": "setuid", "G": "setgid", "h": "help", "V": "version",
+}  # fmt: skip
+_ID_OPTIONS = {
+    "map-user", "map-group", "map-root-user", "map-current-user", "map-auto", "map-users",
+    "map-groups", "setuid", "setgid",
+}  # fmt: skip
+
+
+class UnshareFlagError(ValueError):
+    """A flag the worker cannot read the way unshare would; it refuses rather than guess."""
+
+
+def parse_flags(flags: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """(long name, value) for each option, exactly as unshare's getopt_long reads them."""
+    parsed: list[tuple[str, str | None]] = []
+    pending: list[str] = list(flags)
+    while pending:
+        flag = pending.pop(0)
+        if flag.startswith("--"):
+            name, eq, value = flag[2:].partition("=")
+            matches = [n for n in LONG_OPTIONS if n == name] or [
+                n for n in LONG_OPTIONS if n.startswith(name)
+            ]
+            if not name or len(matches) != 1:
+                raise UnshareFlagError(f"unshare flag {flag!r} is unknown or ambiguous")
+            full = matches[0]
+            kind = LONG_OPTIONS[full]
+            if kind == "no" and eq:
+                raise UnshareFlagError(f"unshare flag {flag!r} takes no value")
+            if kind == "req" and not eq:
+                if not pending:
+                    raise UnshareFlagError(f"unshare flag {flag!r} needs a value")
+                value, eq = pending.pop(0), "="
+            parsed.append((full, value if eq else None))
+        elif flag.startswith("-") and len(flag) > 1:
+            letters = flag[1:]
+            while letters:
+                letter, letters = letters[0], letters[1:]
+                if letter not in SHORT_OPTIONS:
+                    raise UnshareFlagError(f"unshare flag {flag!r}: unknown option -{letter}")
+                full = SHORT_OPTIONS[letter]
+                if LONG_OPTIONS[full] == "req":
+                    if not letters and not pending:
+                        raise UnshareFlagError(f"unshare flag {flag!r} needs a value")
+                    parsed.append((full, letters or pending.pop(0)))
+                    letters = ""
+                else:
+                    parsed.append((full, None))
+        else:
+            raise UnshareFlagError(
+                f"unshare flag {flag!r} is no option: unshare would run it as the program"
+            )
+    return parsed
 
 
 def hardened_flags(flags: tuple[str, ...], uid: int, gid: int, colon_maps: bool) -> list[str]:
     """The configured flags with every id mapping replaced: the job's root becomes uid:gid.
 
-    Without a user namespace in the flags the job runs as uid:gid directly.
+    Without a user namespace in the flags the job runs as uid:gid directly. The flags come
+    back in unshare's long spelling.
     """
-    expanded: list[str] = []
-    for flag in flags:
-        expanded += [f"-{c}" for c in flag[1:]] if _CLUSTER.match(flag) else [flag]
-    kept: list[str] = []
     userns = False
-    skip_value = False
-    for flag in expanded:
-        if skip_value:
-            skip_value = False
+    kept: list[str] = []
+    for name, value in parse_flags(flags):
+        if name in _ID_OPTIONS:
+            userns = userns or name not in ("setuid", "setgid")
             continue
-        if flag in _USERNS:
+        if name == "user":
             userns = True
-            continue
-        if flag in _MAP_WITH_VALUE:
-            userns, skip_value = True, True
-            continue
-        if flag.startswith(tuple(f"{m}=" for m in _MAP_WITH_VALUE)):
-            userns = True
-            continue
-        kept.append(flag)
+            if value is None:
+                continue
+        kept.append(f"--{name}" if value is None else f"--{name}={value}")
     if not userns:
         return [*kept, f"--setuid={uid}", f"--setgid={gid}"]
     users = f"0:{uid}:1" if colon_maps else f"{uid},0,1"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runtime.backends import PreparedJob, make_backend
-from runtime.backends.unshare import ENV, PidNamespace, hardened_flags
+from runtime.backends.unshare import ENV, PidNamespace, UnshareFlagError, hardened_flags
 from runtime.languages import language
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities, Probe
@@ -97,58 +97,45 @@ def test_the_launchers_get_the_workers_environment_not_the_jobs() -> None:
     ]
 
 
+HARDENED = ["--user", "--map-users=70000,0,1", "--map-groups=70001,0,1", "--setuid=0", "--setgid=0"]
+
+
 @pytest.mark.req("R-HOST-1", "R-HOST-2")
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (
-            "--user --map-root-user --pid --fork --mount-proc",
-            [
-                "--user",
-                "--map-users=70000,0,1",
-                "--map-groups=70001,0,1",
-                "--setuid=0",
-                "--setgid=0",
-                "--pid",
-                "--fork",
-                "--mount-proc",
-            ],
-        ),
-        (
-            "-Urpf --mount-proc",
-            [
-                "--user",
-                "--map-users=70000,0,1",
-                "--map-groups=70001,0,1",
-                "--setuid=0",
-                "--setgid=0",
-                "-p",
-                "-f",
-                "--mount-proc",
-            ],
-        ),
-        (
-            "--user --map-user 5 --map-group=5 --pid --fork",
-            [
-                "--user",
-                "--map-users=70000,0,1",
-                "--map-groups=70001,0,1",
-                "--setuid=0",
-                "--setgid=0",
-                "--pid",
-                "--fork",
-            ],
-        ),
-        (
-            "--pid --fork --mount-proc",
-            ["--pid", "--fork", "--mount-proc", "--setuid=70000", "--setgid=70001"],
-        ),
+        ("--user --map-root-user --pid --fork --mount-proc", ["--pid", "--fork", "--mount-proc"]),
+        ("-Urpf --mount-proc", ["--pid", "--fork", "--mount-proc"]),
+        ("--user --map-user 5 --map-group=5 --pid --fork", ["--pid", "--fork"]),
+        # what getopt_long also accepts: unambiguous prefixes, values glued to a short option
+        ("--user --map-root --pid --fork", ["--pid", "--fork"]),
+        ("-U --map-r -pf", ["--pid", "--fork"]),
+        ("--user --map-current --mount-pr", ["--mount-proc"]),
+        ("-U -rw/ -pf", ["--wd=/", "--pid", "--fork"]),
+        ("-rS0 -G 0 -pf", ["--pid", "--fork"]),
     ],
 )
 def test_hardened_flags_map_the_jobs_root_to_the_job_uid(flags: str, expected: list[str]) -> None:
-    """Every mapping the flags ask for becomes root -> ORVANTA_JOB_UID; no user namespace in
-    the flags: the job runs as that uid outright. Never as the host's root."""
-    assert hardened_flags(tuple(flags.split()), 70000, 70001, colon_maps=False) == expected
+    """Every mapping the flags ask for, in any spelling unshare accepts, becomes root ->
+    ORVANTA_JOB_UID: never the host's root."""
+    assert hardened_flags(tuple(flags.split()), 70000, 70001, colon_maps=False) == [
+        *HARDENED,
+        *expected,
+    ]
+
+
+@pytest.mark.req("R-HOST-1")
+def test_without_a_user_namespace_the_job_runs_as_the_job_uid() -> None:
+    flags = hardened_flags(("--pid", "--fork", "--mount-proc"), 70000, 70001, colon_maps=False)
+    assert flags == ["--pid", "--fork", "--mount-proc", "--setuid=70000", "--setgid=70001"]
+
+
+@pytest.mark.req("R-HOST-1", "R-PID-3")
+@pytest.mark.parametrize("flags", ["--map", "--user --frobnicate", "-Ux", "--pid --fork sh"])
+def test_a_flag_the_worker_cannot_read_as_unshare_would_is_refused(flags: str) -> None:
+    """Ambiguous prefixes, unknown options and a program hidden in the flags: no guessing."""
+    with pytest.raises(UnshareFlagError):
+        hardened_flags(tuple(flags.split()), 70000, 70001, colon_maps=False)
 
 
 @pytest.mark.req("R-HOST-1")
