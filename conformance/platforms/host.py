@@ -189,7 +189,13 @@ def cleanup_host(token: str, victim: Path | None) -> list[str]:
     key = int(token[:7], 16) | 0x4F000000  # the SysV key leftover_sysv derives from its token
     if subprocess.run(["ipcrm", "-M", str(key)], capture_output=True, check=False).returncode == 0:
         removed.append(f"SysV shm key {key:#x}")
-    places = [f"{CGROUP_ROOT}/*/orvanta-probe-{token}", f"{CGROUP_ROOT}/orvanta-probe-{token}"]
+    # at the top, or below a job's own group where a runtime under test failed to remove it
+    places = [
+        f"{CGROUP_ROOT}/*/orvanta-probe-{token}",
+        f"{CGROUP_ROOT}/orvanta-probe-{token}",
+        f"{CGROUP_ROOT}/*/orvanta/job-*/orvanta-probe-{token}",
+        f"{CGROUP_ROOT}/orvanta/job-*/orvanta-probe-{token}",
+    ]
     if victim is not None:
         places.append(f"{victim}/orvanta-probe-{token}")
     for pattern in places:
