@@ -30,7 +30,7 @@ from runtime.selection import Decision, IsolationUnavailableError, select_isolat
 from runtime.settings import Settings
 from runtime.startup import HostCapabilities
 from runtime.submission import ENV_NAME_PATTERN
-from runtime.volumes import VolumeError, open_volume
+from runtime.volumes import VolumeError, adopt_volume, claim_volume, open_volume
 
 log = logging.getLogger("orvanta.executor")
 
@@ -110,19 +110,42 @@ class JobRunner:
         settings = settings or self.settings
         started = time.monotonic()
         job_log: list[str] = []
-        lang = language(spec.language)
         volume_fds: list[tuple[int, str]] = []
+        ids: idmap.JobIds | None = None
         try:
             annotated = wants_sandbox(spec.script)
             decision = select_isolation(settings, self.caps, annotated)
-            owner = self._owner(settings, decision)
-            volume_fds = self._volumes(spec, owner)
-        except (IsolationUnavailableError, ValueError, OSError) as exc:
+            ids = self._ids(settings, decision)
+            owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
+            volume_fds = self._volumes(spec, owner, timeout=spec.timeout or settings.job_timeout)
+        except (IsolationUnavailableError, ValueError, OSError, RuntimeError) as exc:
             for fd, _ in volume_fds:
                 os.close(fd)
+            if ids is not None:
+                ids.release()
             job_log.append(f"error: {exc}")
             log.error("job %s refused: %s", spec.id, exc)
             return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
+        try:
+            return self._run(spec, settings, cancel, decision, annotated, ids, volume_fds, started)
+        finally:
+            if ids is not None:
+                ids.release()  # every process of the job is gone by now
+
+    def _run(
+        self,
+        spec: JobSpec,
+        settings: Settings,
+        cancel: Cancellation | None,
+        decision: Decision,
+        annotated: bool,
+        ids: idmap.JobIds | None,
+        volume_fds: list[tuple[int, str]],
+        started: float,
+    ) -> JobResult:
+        job_log: list[str] = []
+        lang = language(spec.language)
+        owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
         job_log.append(f"isolation: {decision.backend} ({decision.reason})")
         if decision.backend == "nsjail" and annotated:
             job_log.append("sandbox mode (nsjail)")
@@ -183,6 +206,7 @@ class JobRunner:
                 timeout,
                 nsjail_parent,
                 tuple(jail_binds),
+                ids.owner if ids is not None else None,
             )
             launch = backend.launch(job, _job_env(spec, backend.inner_dir(job)))
             outcome = self._execute(launch.argv, launch.env, job, cgroup, cancel)
@@ -215,16 +239,20 @@ class JobRunner:
             spec.id, decision.backend, status, exit_code, duration, stdout, stderr, job_log
         )
 
-    def _owner(self, settings: Settings, decision: Decision) -> tuple[int, int]:
-        """Whom the job's files belong to on the host: the unprivileged job ids where the job's
-        root is not the host's (unshare, nsjail with a user namespace), else the worker's."""
+    def _ids(self, settings: Settings, decision: Decision) -> idmap.JobIds | None:
+        """The job's own unprivileged host ids where its root is not the host's (unshare,
+        nsjail with a user namespace) and the worker may map them; None: the worker's ids."""
         sandboxed = decision.backend == "unshare" or (
             decision.backend == "nsjail" and not settings.disable_nuser
         )
-        return idmap.job_owner(settings) if sandboxed else (os.geteuid(), os.getegid())
+        return idmap.take_ids(settings) if sandboxed and idmap.hardened(settings) else None
 
-    def _volumes(self, spec: JobSpec, owner: tuple[int, int]) -> list[tuple[int, str]]:
-        """The workspace's volumes the script header names, opened safely (R-ANN-4, R-VOL-2)."""
+    def _volumes(
+        self, spec: JobSpec, owner: tuple[int, int], timeout: float
+    ) -> list[tuple[int, str]]:
+        """The workspace's volumes the script header names, opened safely (R-ANN-4, R-VOL-2),
+        each held by this job alone and owned by its ids (a volume outlives the uid of the
+        job that wrote it)."""
         requests = volume_annotations(spec.script)
         if not requests:
             return []
@@ -234,10 +262,13 @@ class JobRunner:
         if not is_plain_name(spec.workspace):
             raise ValueError(f"workspace {spec.workspace!r} is not a valid name for volumes")
         opened: list[tuple[int, str]] = []
+        deadline = time.monotonic() + timeout
         try:
-            for request in requests:
+            for request in sorted(requests, key=lambda r: r.name):  # one lock order: no deadlock
                 fd = open_volume(self.settings.state_dir, spec.workspace, request.name, owner)
                 opened.append((fd, request.target))
+                claim_volume(fd, request.name, deadline)
+                adopt_volume(fd, owner)
         except BaseException:
             for fd, _ in opened:
                 os.close(fd)

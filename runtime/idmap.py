@@ -11,12 +11,22 @@ which write /proc/PID/uid_map and gid_map directly. Root in the parent
 namespace may map any id, so this needs no setuid newuidmap, no /etc/subuid
 and no unprivileged user namespaces: it works where
 kernel.unprivileged_userns_clone=0 or AppArmor restricts them (Ubuntu 24.04).
+
+Each running job gets ids of its own from ORVANTA_JOB_ID_COUNT consecutive ones
+(`take_ids`, a lock file per id in /run shared by every worker of the host):
+a concurrent job's dir is 0700 and another uid's, so a path learnt from the mount
+table opens nothing (R-HOST-4).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import os
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.settings import Settings
@@ -51,8 +61,8 @@ def hardened(settings: Settings) -> bool:
         os.geteuid() == 0
         and settings.job_uid != 0
         and _can_hand_over()
-        and _mapped("uid_map", settings.job_uid)
-        and _mapped("gid_map", settings.job_gid)
+        and _mapped("uid_map", settings.job_uid, settings.job_id_count)
+        and _mapped("gid_map", settings.job_gid, settings.job_id_count)
     )
 
 
@@ -75,24 +85,85 @@ def _can_hand_over() -> bool:
 
 
 @functools.cache
-def _mapped(which: str, value: int) -> bool:
-    """`value` is an id of this process's user namespace (/proc/self/uid_map or gid_map)."""
+def _mapped(which: str, first: int, count: int) -> bool:
+    """Ids first..first+count-1 exist in this process's user namespace (one line of
+    /proc/self/uid_map or gid_map holds them all)."""
     try:
         lines = Path(f"/proc/self/{which}").read_text().splitlines()
     except OSError:
         return False
     for line in lines:
-        inside, _, count = (int(x) for x in line.split())
-        if inside <= value < inside + count:
+        inside, _, length = (int(x) for x in line.split())
+        if inside <= first and first + count <= inside + length:
             return True
     return False
 
 
 def job_owner(settings: Settings) -> tuple[int, int]:
-    """The host ids a sandboxed job's files belong to."""
+    """The first of the host ids sandboxed jobs get (what the start-up probes run as)."""
     if hardened(settings):
         return settings.job_uid, settings.job_gid
     return os.geteuid(), os.getegid()
+
+
+ID_LOCKS = Path("/run/orvanta/job-ids")
+
+
+class JobIdsExhaustedError(RuntimeError):
+    """Every id of the range belongs to a running job."""
+
+
+@dataclass
+class JobIds:
+    """One running job's host uid and gid, held by a lock on `ID_LOCKS/<n>` until released."""
+
+    uid: int
+    gid: int
+    lock_fd: int = -1
+    lock_path: Path | None = None
+
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.uid, self.gid
+
+    def release(self) -> None:
+        """After every process of the job is gone: the ids may go to the next job."""
+        if self.lock_fd < 0 or self.lock_path is None:
+            return
+        with contextlib.suppress(OSError):
+            self.lock_path.unlink()  # while still locked, so no one holds a dead name
+        os.close(self.lock_fd)
+        self.lock_fd = -1
+
+
+def take_ids(settings: Settings, locks: Path = ID_LOCKS) -> JobIds:
+    """Ids no other running job of this host has: ORVANTA_JOB_UID/GID + n for a free n.
+
+    The search starts at a random n, so the next job rarely gets the ids the last
+    one had (and whatever it left in a shared /tmp under them). A lock file exists
+    only while its job runs; a lock taken on a name its holder just unlinked is
+    told by the inode and skipped.
+    """
+    locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    count = settings.job_id_count
+    start = secrets.randbelow(count)
+    for step in range(count):
+        n = (start + step) % count
+        path = locks / str(n)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return JobIds(settings.job_uid + n, settings.job_gid + n, fd, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.ENOENT):
+                os.close(fd)
+                raise
+        os.close(fd)
+    raise JobIdsExhaustedError(
+        f"all {count} job ids from ORVANTA_JOB_UID={settings.job_uid} are taken by running "
+        "jobs on this host; raise ORVANTA_JOB_ID_COUNT"
+    )
 
 
 def helper_dir(settings: Settings) -> Path:

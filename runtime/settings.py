@@ -62,6 +62,9 @@ class Settings:
     # 0 keeps the page's literal recipes (the job's root is the host's root), for comparison
     job_uid: int = 1_900_000_000
     job_gid: int = 1_900_000_000
+    # how many consecutive ids from job_uid/job_gid jobs take: one pair per running job, so
+    # no two jobs on the host share a uid (a concurrent job's dir stays closed to the other)
+    job_id_count: int = 65_536
     job_timeout: float = 300.0
     output_limit: int = 1 << 20
     lease_seconds: float = 30.0
@@ -120,6 +123,16 @@ class Settings:
         job_gid = _id(
             env, "ORVANTA_JOB_GID", job_uid if "ORVANTA_JOB_UID" in env else Settings.job_gid
         )
+        job_id_count = positive_int(env, "ORVANTA_JOB_ID_COUNT", Settings.job_id_count)
+        for name, base in (("ORVANTA_JOB_UID", job_uid), ("ORVANTA_JOB_GID", job_gid)):
+            if base and base + job_id_count > 2**31 - 1:
+                raise SettingsError(
+                    "ORVANTA_JOB_ID_COUNT",
+                    str(job_id_count),
+                    f"a count with {name}={base} + count below 2147483647",
+                    "Each running job takes its own id from that range; lower the base id "
+                    "or the count.",
+                )
         jobs_dir = env.get("ORVANTA_JOBS_DIR") or None
         mode = env.get("MODE") or "worker"
         if mode not in MODE_VALUES:
@@ -149,6 +162,7 @@ class Settings:
             jobs_dir=Path(jobs_dir) if jobs_dir else None,
             job_uid=job_uid,
             job_gid=job_gid,
+            job_id_count=job_id_count,
             job_timeout=float(positive_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
             output_limit=positive_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
             lease_seconds=float(positive_int(env, "ORVANTA_LEASE_SECONDS", 30)),

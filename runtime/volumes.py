@@ -4,17 +4,21 @@ A volume is `STATE/volumes/WORKSPACE/NAME`. Each component below the state dir
 is opened with O_NOFOLLOW|O_DIRECTORY relative to its parent's fd, so a
 symlink or a file planted anywhere on the way fails the job instead of being
 followed (R-VOL-2); the job then gets the directory through that fd, never
-through its path. After a job, setuid and setgid bits are stripped from what
-it left in its volumes (R-HOST-3).
+through its path. Each running job has host ids of its own, so a job holds
+its volumes alone (a lock on the directory) and the worker first gives it
+everything in them (`adopt_volume`). After a job, setuid and setgid bits are
+stripped from what it left in its volumes (R-HOST-3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 log = logging.getLogger("orvanta.volumes")
@@ -55,6 +59,48 @@ def open_volume(state_dir: Path, workspace: str, name: str, owner: tuple[int, in
     except BaseException:
         os.close(fd)
         raise
+
+
+def claim_volume(volume_fd: int, name: str, deadline: float) -> None:
+    """This job's alone until its fds close: another job with the volume is waited for, up
+    to `deadline` (time.monotonic)."""
+    while True:
+        try:
+            fcntl.flock(volume_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise VolumeError(
+                    f"volume {name!r} stayed in use by another job until this job's timeout; "
+                    "a volume serves one job at a time"
+                ) from None
+            time.sleep(0.05)
+
+
+def adopt_volume(volume_fd: int, owner: tuple[int, int]) -> int:
+    """Give the job's ids what earlier jobs (other ids) left in the volume; returns how many
+    entries changed owner. Names are changed relative to their directory's fd without
+    following a symlink; a file with more than one link (it may be another's) is left alone,
+    and chown clears setuid/setgid bits on the way."""
+    device = os.fstat(volume_fd).st_dev
+    changed = 0
+    try:
+        for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=volume_fd, follow_symlinks=False):
+            for name in (*dirs, *files):
+                try:
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if (
+                        (info.st_uid, info.st_gid) != owner
+                        and info.st_dev == device
+                        and (stat.S_ISDIR(info.st_mode) or info.st_nlink == 1)
+                    ):
+                        os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                        changed += 1
+                except OSError:
+                    continue
+    except RecursionError:
+        log.error("a volume is nested too deep to walk whole; entries below stay with their ids")
+    return changed
 
 
 SETID = stat.S_ISUID | stat.S_ISGID

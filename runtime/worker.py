@@ -97,10 +97,12 @@ def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:
         )
     if idmap.hardened(settings):
         log.info(
-            "jobs: under unshare and nsjail a job's root is host uid %d, gid %d "
-            "(ORVANTA_JOB_UID/GID), never the host's root",
+            "jobs: under unshare and nsjail a job's root is a host uid and gid of its own "
+            "from %d and %d, %d of them (ORVANTA_JOB_UID/GID, ORVANTA_JOB_ID_COUNT), never "
+            "the host's root",
             settings.job_uid,
             settings.job_gid,
+            settings.job_id_count,
         )
     else:
         log.warning(

@@ -28,6 +28,9 @@ class PreparedJob:
     cgroup_parent: str | None = "orvanta"  # where nsjail makes its cgroups; None: no cgroups
     # volumes nsjail binds itself, (source, name under /job), where the worker could not
     volumes: tuple[tuple[str, str], ...] = ()
+    # the host uid and gid the job's root maps to, its own while it runs (runtime.idmap);
+    # None: the worker may not map ids, and the configured flags apply as written
+    host_ids: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

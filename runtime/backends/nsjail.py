@@ -39,12 +39,17 @@ def render_config(
     cgroup_parent: str | None = cgroups.PARENT,
     env: dict[str, str] | None = None,
     volumes: tuple[tuple[str, str], ...] = (),
+    host_ids: tuple[int, int] | None = None,
 ) -> str:
-    """The nsjail config for one job; every placeholder must be filled (KeyError otherwise)."""
+    """The nsjail config for one job; every placeholder must be filled (KeyError otherwise).
+    `host_ids` are the job's own; without them, the first of the range where the worker may
+    map ids (the start-up probe)."""
     limits = settings.limits
     userns = not settings.disable_nuser
+    if host_ids is None and idmap.hardened(settings):
+        host_ids = idmap.job_owner(settings)
     # outside "" is nsjail's own uid: the host's root for a root worker with ORVANTA_JOB_UID=0
-    uid, gid = idmap.job_owner(settings) if idmap.hardened(settings) else ("", "")
+    uid, gid = host_ids if host_ids is not None else ("", "")
     id_maps = (
         f'uidmap {{ inside_id: "{JAIL_UID}" outside_id: "{uid}" count: 1 }}\n'
         f'gidmap {{ inside_id: "{JAIL_UID}" outside_id: "{gid}" count: 1 }}'
@@ -159,6 +164,7 @@ class Nsjail:
                 job.cgroup_parent,
                 env,
                 job.volumes,
+                job.host_ids,
             )
         )
         script = f"{INNER_DIR}/{job.language.filename}"

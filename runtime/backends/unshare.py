@@ -155,7 +155,13 @@ class PidNamespace:
         self.settings = settings
         self.unshare = caps.unshare.path
         self.tini = caps.tini.path  # None: run without tini (warned at startup)
-        self.flags = launch_flags(settings, self.unshare)
+        self.colon_maps = idmap.hardened(settings) and colon_id_maps(self.unshare)
+
+    def flags(self, job: PreparedJob) -> list[str]:
+        """The configured flags, with the job's root mapped to its own host ids if it has any."""
+        if job.host_ids is None:
+            return list(self.settings.unshare_flags)
+        return hardened_flags(self.settings.unshare_flags, *job.host_ids, self.colon_maps)
 
     def inner_dir(self, job: PreparedJob) -> str:
         return str(job.job_dir)
@@ -165,5 +171,5 @@ class PidNamespace:
         command = job.language.argv(script, self.settings.python_path)
         init = [self.tini, "-s", "--"] if self.tini else []
         assignments = [f"{k}={v}" for k, v in env.items()]
-        argv = [self.unshare, *self.flags, "--", ENV, "-i", *assignments, *init, *command]
+        argv = [self.unshare, *self.flags(job), "--", ENV, "-i", *assignments, *init, *command]
         return Launch(argv, idmap.launcher_env(self.settings))

@@ -8,8 +8,13 @@ nsjail; the conformance probes cover the same ground through real workers.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +71,106 @@ def test_volumes_are_mounted_nosuid_nodev_and_owned_by_the_job_uid(
     options = result.stdout.split()[5]
     assert {"nosuid", "nodev"} <= set(options.split(",")), result.stdout
     volume = tmp_path / "state" / "volumes" / "default" / "cache"
-    assert (volume / "f").stat().st_uid == r.settings.job_uid
+    first = r.settings.job_uid
+    assert first <= (volume / "f").stat().st_uid < first + r.settings.job_id_count
+
+
+@pytest.mark.req("R-ANN-4", "R-HOST-4")
+@pytest.mark.parametrize("backend", ["unshare", "nsjail"])
+def test_a_volume_stays_writable_for_the_next_job_under_other_ids(
+    tmp_path: Path, backend: str
+) -> None:
+    """Each job has host ids of its own, and a volume outlives them: what one job wrote,
+    the next (another uid) may change; its own ids are in the job's /proc/self/uid_map."""
+    r = runner(tmp_path, backend)
+    uids = []
+    for n in range(3):
+        script = f"# volume: cache\necho run{n} >> cache/log && mkdir -p cache/d{n} && "
+        script += "cat cache/log && cat /proc/self/uid_map\n"
+        result = run(r, script, f"adopt{backend}{n}")
+        assert result.status == "success", result
+        lines = result.stdout.split("\n")
+        assert lines[: n + 1] == [f"run{i}" for i in range(n + 1)], result.stdout
+        uids.append(int(lines[n + 1].split()[1]))
+    assert all(
+        r.settings.job_uid <= uid < r.settings.job_uid + r.settings.job_id_count for uid in uids
+    )
+
+
+# A job that keeps a secret in its dir and says where it is, until the test kills it.
+HOLDER = """echo "$SECRET" > mine.txt && chmod 644 mine.txt
+pwd > "$READY.tmp" && mv "$READY.tmp" "$READY"
+sleep 60
+"""
+# The attack: another job's dir is named in this job's copy of the host's mount table.
+READER = """import json, os
+found = {}
+for line in open("/proc/self/mountinfo"):
+    point = line.split()[4]
+    if point.endswith("/job") and os.path.realpath(point) != os.getcwd():
+        try:
+            found[point] = open(os.path.join(point, "mine.txt")).read().strip()
+        except OSError as exc:
+            found[point] = exc.strerror
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.req("R-HOST-4", "R-XJOB-1")
+@pytest.mark.parametrize(
+    ("job_uid", "readable"), [("0", True), (None, False)], ids=["page-literal", "own-ids"]
+)
+def test_a_concurrent_jobs_dir_is_closed_to_a_job_that_knows_its_path(
+    tmp_path: Path, job_uid: str | None, readable: bool
+) -> None:
+    """Positive control: the page's recipe (ORVANTA_JOB_UID=0) reads the neighbour's file by
+    the path its mount table gives away; with ids of its own per job it is refused."""
+    extra = {"ORVANTA_JOB_UID": job_uid} if job_uid else {}
+    r = runner(tmp_path, "unshare", **extra)
+    secret = f"ORVANTA_CANARY_{os.getpid()}_{tmp_path.name}"
+    ready = Path(f"/tmp/orvanta-holder-{os.getpid()}-{tmp_path.name}")
+    holder_script = tmp_path / "holder.sh"
+    holder_script.write_text(HOLDER)
+    env = {
+        **os.environ,
+        **BACKEND_ENV["unshare"],
+        **extra,
+        "ORVANTA_STATE_DIR": str(tmp_path / "state"),
+    }
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "runtime.cli",
+            "run",
+            str(holder_script),
+            "--json",
+            "--env",
+            f"SECRET={secret}",
+            "--env",
+            f"READY={ready}",
+        ],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert holder.poll() is None, holder.stderr.read() if holder.stderr else ""
+            assert time.monotonic() < deadline, "the holder job never started"
+            time.sleep(0.05)
+        result = run(r, READER, "reader", "python3")
+        assert result.status == "success", result
+        found = json.loads(result.stdout)
+        assert found, "the holder's job dir is not in the reader's mount table"
+        assert (secret in found.values()) is readable, found
+    finally:
+        os.killpg(holder.pid, signal.SIGTERM)
+        holder.wait(30)
+        ready.unlink(missing_ok=True)
 
 
 @pytest.mark.req("R-HOST-3")
