@@ -8,11 +8,16 @@ as `pytest conformance/ --audit-report=DIR`: one model, two entry points.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from conformance.resources import CHECKOUT, in_checkout, suite_file
+
+SUITE = Path(__file__).resolve().parent
 EXIT_OK, EXIT_WEAKER, EXIT_COULD_NOT_RUN = 0, 1, 2
+EXTRA = "orvanta-isolation[audit]"
 
 
 def register(sub: Any) -> None:
@@ -25,23 +30,31 @@ def register(sub: Any) -> None:
     audit.add_argument("--backend", default="all", choices=("none", "unshare", "nsjail", "all"))
     audit.add_argument("--platform", default="all", help="a platform of matrix.yaml, or all")
     audit.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
-    audit.add_argument("--matrix", type=Path, default=ROOT / "matrix.yaml")
+    audit.add_argument("--matrix", type=Path, default=None, help="default: the suite's own")
     audit.add_argument("-n", "--jobs", type=int, default=2, help="parallel pytest workers")
     audit.set_defaults(func=audit_command)
 
 
 def audit_command(args: argparse.Namespace, _settings: object) -> int:
+    missing = [m for m in ("pytest", "xdist", "docker") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"orvanta audit: needs the audit extra ({', '.join(missing)} missing): "
+            f"pip install '{EXTRA}'"
+        )
+        return EXIT_COULD_NOT_RUN
     import pytest
 
-    if not args.matrix.is_file():
-        print(f"orvanta audit: no matrix at {args.matrix}; pass --matrix=PATH")
+    matrix = args.matrix or suite_file("matrix.yaml")
+    if not matrix.is_file():
+        print(f"orvanta audit: no matrix at {matrix}; pass --matrix=PATH")
         return EXIT_COULD_NOT_RUN
     argv = [
-        str(ROOT / "conformance"),
-        f"--rootdir={ROOT}",
+        str(SUITE),
+        f"--rootdir={CHECKOUT if in_checkout() else SUITE}",
         f"--backend={args.backend}",
         f"--platform={args.platform}",
-        f"--matrix={args.matrix}",
+        f"--matrix={matrix.resolve()}",
         f"--audit-report={args.out}",
         "--current-env",
         "--audit-progress",
@@ -52,10 +65,21 @@ def audit_command(args: argparse.Namespace, _settings: object) -> int:
     ]
     if args.jobs > 1:
         argv += ["-n", str(args.jobs)]
+    report = args.out / "audit.json"
+    report.unlink(missing_ok=True)
     code = int(pytest.main(argv))
-    if code == pytest.ExitCode.OK:
-        return EXIT_OK
-    if code == pytest.ExitCode.TESTS_FAILED:
-        return EXIT_WEAKER
+    if code in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and report.is_file():
+        summary = json.loads(report.read_text())["summary"]
+        return exit_code(summary)
     print(f"orvanta audit: the audit could not run (pytest exit {code}); see the output above")
     return EXIT_COULD_NOT_RUN
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """From the report, not from pytest's code: a cell that could not be set up (or whose
+    platform is missing) is 2, never 1, which means the isolation itself is weaker."""
+    if summary.get("could_not_run"):
+        for entry in summary["could_not_run"]:
+            print(f"orvanta audit: could not run {entry['test']}: {entry['why']}")
+        return EXIT_COULD_NOT_RUN
+    return EXIT_WEAKER if summary["failed"] else EXIT_OK

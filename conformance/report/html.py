@@ -22,12 +22,13 @@ details{margin:.4em 0}.verdict{font-size:1.3em;padding:.4em .8em;display:inline-
 
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
+    verdict = s["verdict"]
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         "<title>Orvanta isolation audit</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>Orvanta isolation audit</h1>",
-        f"<p class='verdict {escape(s['verdict'])}'>{escape(s['verdict'].upper())}: "
+        f"<p class='verdict {escape(verdict.replace(' ', '-'))}'>{escape(verdict.upper())}: "
         f"{s['cells']} cells, {s['probe_runs']} probe runs, {s['failed']} failed, "
         f"{s['skipped']} skipped, {s['deviations']} deviations</p>",
         f"<p>Generated {escape(report['generated'])} on "

@@ -9,7 +9,7 @@ ICON = {"match": "✅", "weaker": "❌", "stronger": "🟦", "not measured": "�
 
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
-    verdict = "✅ PASS" if s["verdict"] == "pass" else "❌ FAIL"
+    verdict = {"pass": "✅ PASS", "fail": "❌ FAIL"}.get(s["verdict"], "⚠️ COULD NOT RUN")
     lines = [
         f"## Orvanta isolation audit: {verdict}",
         "",

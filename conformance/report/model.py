@@ -51,13 +51,18 @@ def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dic
         if p["documented"] != p["expected"] or p["status"] == "fail"
     ]
     failed = [t for t in tests if t.outcome in ("failed", "error")]
+    not_run = [t for t in tests if could_not_run(t)]
     return {
         "schema": SCHEMA_ID,
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {"hostname": platform.node(), **facts},
         "summary": {
-            "verdict": "fail" if failed else "pass",
+            "verdict": "could not run" if not_run else ("fail" if failed else "pass"),
             "tests": len(tests),
+            "could_not_run": [
+                {"test": t.nodeid, "why": mask(t.message).strip().splitlines()[-1][:300]}
+                for t in not_run[:50]
+            ],
             "failed": len(failed),
             "skipped": sum(t.outcome == "skipped" for t in tests),
             "cells": len(cells),
@@ -76,6 +81,17 @@ def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dic
         "failures": [{"test": t.nodeid, "message": mask(t.message)[:2000]} for t in failed],
         "coverage": _coverage(tests),
     }
+
+
+PLATFORM_MISSING = "platform missing here"  # in the skip reason of such a cell's tests
+
+
+def could_not_run(test: TestRecord) -> bool:
+    """An error outside the test's own check (its cell's worker or container did not start),
+    or a cell skipped because its platform is missing here: no isolation was measured."""
+    if test.outcome == "error":
+        return True
+    return test.outcome == "skipped" and PLATFORM_MISSING in test.message
 
 
 def _cells(matrix: Matrix, tests: list[TestRecord]) -> list[dict[str, Any]]:

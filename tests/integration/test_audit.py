@@ -161,3 +161,35 @@ def test_audit_that_cannot_run_exits_2(tmp_path: Path) -> None:
     )
     assert code == 2
     assert "no matrix at" in output
+
+
+@pytest.mark.req("R-OPS-1")
+def test_a_cell_whose_worker_does_not_start_exits_2_not_1(tmp_path: Path) -> None:
+    """A set-up error is pytest's "tests failed" too; the audit must not call it weaker
+    isolation. One table cell whose worker refuses to start (a flag unshare lacks)."""
+    import os
+
+    import yaml
+
+    matrix = yaml.safe_load((ROOT / "matrix.yaml").read_text())
+    matrix["cells"] = [
+        {
+            "id": "host/unshare/worker-does-not-start",
+            "platform": "host",
+            "backend": "unshare",
+            "env": {"ENABLE_UNSHARE_PID": "true", "UNSHARE_ISOLATION_FLAGS": "--bogus --pid"},
+            "expect": "table",
+            "req": ["R-OPS-1"],
+        }
+    ]
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump(matrix))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENABLE_", "DISABLE_"))}
+    code, output, _ = audit(
+        env, tmp_path / "out", "--matrix", str(path), "--platform", "host", "--backend", "unshare"
+    )
+    assert code == 2, output[-4000:]
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["summary"]["verdict"] == "could not run"
+    assert "could not run" in output and "worker-does-not-start" in output
