@@ -252,3 +252,47 @@ def test_unknown_setup_argument_is_refused(world: World) -> None:
         check=False,
     )
     assert out.returncode == 2 and "unknown argument '--dryrun'" in out.stderr
+
+
+def summary(tmp_path: Path, platforms: str, setup: str) -> str:
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "ci-summary"), "uml/nsjail", platforms, setup, tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_summary_of_a_group_still_to_come_says_so(tmp_path: Path) -> None:
+    text = summary(tmp_path, "", "skipped")
+    assert text.startswith("### uml/nsjail\n")
+    assert "Not run: matrix.yaml at this commit has no `uml` platform yet" in text
+
+
+def test_summary_of_a_runner_that_cannot_host_names_what_it_lacks(tmp_path: Path) -> None:
+    (tmp_path / "setup.log").write_text(
+        "[setup] tini: ok\n[setup] uml: named (install user-mode-linux (linux.uml) for uml-v2)\n"
+    )
+    text = summary(tmp_path, "uml-v2", "failure")
+    assert "**Not run: this runner cannot host these cells** (scripts/setup: failure)" in text
+    assert "- `uml`: install user-mode-linux (linux.uml) for uml-v2\n" in text
+
+
+def test_summary_of_a_run_carries_the_audit_markdown(tmp_path: Path) -> None:
+    (tmp_path / "audit.md").write_text("| property | none |\n|---|---|\n")
+    text = summary(tmp_path, "uml-v2", "success")
+    assert "Platforms: `uml-v2`. Runner: kernel " in text
+    assert text.endswith("| property | none |\n|---|---|\n")
+    (tmp_path / "audit.md").unlink()
+    assert "wrote no audit report" in summary(tmp_path, "uml-v2", "success")
+
+
+def test_dockerd_without_cli_is_named_never_overlaid_with_docker_io(world: World) -> None:
+    world.debian()
+    world.stub("dockerd", "exit 99")  # e.g. Docker CE's engine without its CLI
+    d = world.decide()
+    assert d["engine"] == ("named", "(install the docker CLI for the installed dockerd)")
+    assert ("engine", "apt", "docker.io") not in world.lines
