@@ -186,7 +186,7 @@ class CellSession:
         self._database_url = url
         # `server: unix` (agents in containers with no network): the socket lies in the cell
         # root, which the container mounts at the same path
-        unix = self.matrix.platforms[self.cell.platform].get("server") == "unix"
+        unix = self.platform.spec.server == "unix"
         self.service = Service.start(url, self.root / "srv", unix_socket=unix)
         self._cleanup.callback(self.service.stop)
         token = self.service.create_group("cell", [self.tag])

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from conformance.platforms import parse_platform
+from conformance.platforms.spec import MODES, PlatformSpec, SpecError
 from conformance.resources import suite_file
 
 BACKENDS = ("none", "unshare", "nsjail")
@@ -20,7 +22,6 @@ OUTCOMES = ("blocked", "exposed")
 PROBES_DIR = suite_file("fixtures/probes")
 JOBS_DIR = suite_file("fixtures/jobs")
 EXPECT_KINDS = ("refuses_start", "job_error", "job_exit")
-MODES = ("worker", "agent")
 
 
 class MatrixError(ValueError):
@@ -83,13 +84,13 @@ class Matrix:
     table: dict[str, Row]
     protected: tuple[str, ...]
     probes: dict[str, Probe]
-    platforms: dict[str, dict[str, Any]]
+    platforms: dict[str, PlatformSpec[Any]]
     limits: dict[str, int]
     cells: list[Cell]
 
     def mode(self, cell: Cell) -> str:
         """How the cell's workers reach jobs: worker (the database) or agent (the API only)."""
-        return str(self.platforms[cell.platform].get("mode", "worker"))
+        return self.platforms[cell.platform].mode
 
     def probes_for(self, cell: Cell) -> list[Probe]:
         """The probes that apply to this cell (agent_api only where workers are agents)."""
@@ -122,11 +123,8 @@ def load(path: Path) -> Matrix:
         raise MatrixError(path, "file", "expected a mapping with table, probes, platforms, cells")
     table = {name: _row(path, name, spec) for name, spec in _section(path, raw, "table").items()}
     probes = {n: _probe(path, n, s, table) for n, s in _section(path, raw, "probes").items()}
-    platforms = _section(path, raw, "platforms")
-    for name, options in platforms.items():
-        if (options or {}).get("mode", "worker") not in MODES:
-            raise MatrixError(path, f"platforms.{name}.mode", f"use one of {list(MODES)}")
-    cells = [_cell(path, i, spec, platforms, probes) for i, spec in enumerate(raw.get("cells", []))]
+    platforms, overrides = _platforms(path, _section(path, raw, "platforms"))
+    cells = [_cell(path, i, spec, overrides, probes) for i, spec in enumerate(raw.get("cells", []))]
     ids = [c.id for c in cells]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -147,6 +145,25 @@ def _section(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(section, dict) or not section:
         raise MatrixError(path, name, "missing or empty; it must be a mapping")
     return section
+
+
+def _platforms(
+    path: Path, section: dict[str, Any]
+) -> tuple[dict[str, PlatformSpec[Any]], dict[str, dict[str, Any]]]:
+    """Each platform as its typed spec, and apart from it the probe outcomes it overrides
+    (which every cell of the platform merges into its own)."""
+    specs, overrides = {}, {}
+    for name, entry in section.items():
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            raise MatrixError(path, f"platforms.{name}", "must be a mapping of options, or empty")
+        options = {k: v for k, v in entry.items() if k != "overrides"}
+        try:
+            specs[name] = parse_platform(str(name), options)
+        except SpecError as exc:
+            raise MatrixError(path, exc.where, exc.problem) from None
+        overrides[name] = entry.get("overrides") or {}
+    return specs, overrides
 
 
 def _row(path: Path, name: str, spec: dict[str, Any]) -> Row:
@@ -237,15 +254,15 @@ def _cell(
     path: Path,
     index: int,
     spec: dict[str, Any],
-    platforms: dict[str, Any],
+    platform_overrides: dict[str, dict[str, Any]],
     probes: dict[str, Probe],
 ) -> Cell:
     where = f"cells[{index}] ({spec.get('id', 'no id')})"
     if not spec.get("id"):
         raise MatrixError(path, where, "every cell needs an id like host/unshare/default-flags")
-    if spec.get("platform") not in platforms:
+    if spec.get("platform") not in platform_overrides:
         raise MatrixError(
-            path, where, f"platform {spec.get('platform')!r} not in {sorted(platforms)}"
+            path, where, f"platform {spec.get('platform')!r} not in {sorted(platform_overrides)}"
         )
     if spec.get("backend") not in BACKENDS:
         raise MatrixError(path, where, f"backend {spec.get('backend')!r} not in {list(BACKENDS)}")
@@ -264,8 +281,10 @@ def _cell(
             "{job_exit: TEXT} with job: NAME",
         )
     overrides = {}
-    platform_overrides = platforms[spec["platform"]].get("overrides") or {}
-    for name, o in {**platform_overrides, **(spec.get("overrides") or {})}.items():
+    for name, o in {
+        **platform_overrides[spec["platform"]],
+        **(spec.get("overrides") or {}),
+    }.items():
         if name not in probes:
             raise MatrixError(path, f"{where}.overrides", f"unknown probe {name!r}")
         overrides[name] = _override(path, f"{where}.overrides.{name}", o)

@@ -23,7 +23,7 @@ import pytest
 from conformance.audit import AuditCollector
 from conformance.harness import CellSession
 from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, Probe, current_env_cell, load
-from conformance.platforms import driver_of, finish, open_platform, prepare, unavailable
+from conformance.platforms import finish, open_platform, prepare, unavailable
 from conformance.platforms.session import start_session
 from conformance.report.model import PLATFORM_MISSING
 from conformance.resources import suite_file
@@ -209,7 +209,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _marks(cell: Cell, platforms: dict[str, Any]) -> list[pytest.MarkDecorator]:
     marks = [pytest.mark.req(*cell.req), pytest.mark.xdist_group(cell.id)]
-    reason = unavailable(cell.platform, platforms[cell.platform])
+    reason = unavailable(platforms[cell.platform])
     if reason:
         marks.append(pytest.mark.skip(reason=f"{PLATFORM_MISSING}: {cell.platform}: {reason}"))
     return marks
@@ -217,7 +217,7 @@ def _marks(cell: Cell, platforms: dict[str, Any]) -> list[pytest.MarkDecorator]:
 
 def _drivers(config: pytest.Config) -> set[str]:
     platforms = matrix_of(config).platforms
-    return {driver_of(c.platform, platforms[c.platform]) for c in selected_cells(config)}
+    return {platforms[c.platform].driver for c in selected_cells(config)}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -251,7 +251,7 @@ def cell(request: pytest.FixtureRequest, cells_root: Path) -> Iterator[CellSessi
     """A started cell: its workers, canaries and queue; torn down when its tests are done."""
     spec: Cell = request.param
     matrix = matrix_of(request.config)
-    platform = open_platform(spec.platform, matrix.platforms.get(spec.platform, {}))
+    platform = open_platform(matrix.platforms[spec.platform])
     root = Path(tempfile.mkdtemp(prefix=spec.id.replace("/", "_") + "-", dir=cells_root))
     root.chmod(0o711)
     session = CellSession(matrix, spec, platform, root)

@@ -1,17 +1,29 @@
-"""Where a worker under test runs: a registry of platforms, one small module each.
+"""Where a worker under test runs: one driver class per kind, registered in DRIVERS.
 
-A platform starts worker processes with a given environment, lists processes by
-a marker (to catch a job's survivors) and reports facts about itself. Jobs reach
-the workers through the queue in the cell's state dir, which every platform
-shares with the harness.
+A driver class has two levels. The class owns what a whole pytest run needs of its
+kind (can it run here, set-up before the first cell, clean-up after the last, even
+an interrupted run) and declares its typed `Options`. An instance is one cell's
+platform: it starts workers with a given environment, lists processes by a marker
+(to catch a job's survivors) and reports facts about itself. Jobs reach the workers
+through the queue in the cell's directory, which every platform shares with the
+harness. Adding a kind is one module with one class, plus one line in DRIVERS.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from conformance.canaries import Canaries
+from conformance.platforms.spec import COMMON, PlatformSpec, SpecError, read, unknown_keys
+
+DRIVERS = {
+    "host": "conformance.platforms.host:HostPlatform",
+    "docker": "conformance.platforms.docker:DockerPlatform",
+}
 
 
 class WorkerProcess(Protocol):
@@ -22,7 +34,9 @@ class WorkerProcess(Protocol):
 
 
 class Platform(Protocol):
-    name: str
+    """One cell's platform: what the harness asks of it."""
+
+    spec: PlatformSpec[Any]
 
     def start(self, root: Path) -> None:
         """Make the place ready; `root` (the cell's dir) must be reachable at the same path."""
@@ -39,7 +53,8 @@ class Platform(Protocol):
     def spawn_worker(
         self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
     ) -> WorkerProcess:
-        """Start `orvanta worker` with exactly this environment, logging to log_path."""
+        """Start `orvanta worker` with exactly this environment, logging to log_path. No value
+        of `env` may show on any command line: it holds the canary secret."""
 
     def survivors(self, marker: str) -> list[str]:
         """Command lines of live processes whose argv contains marker."""
@@ -57,61 +72,72 @@ class Platform(Protocol):
     def close(self) -> None: ...
 
 
-PLATFORMS = {
-    "host": "conformance.platforms.host:HostPlatform",
-    "docker": "conformance.platforms.docker:DockerPlatform",
-}
+class Driver(Protocol):
+    """A driver class, as the registry hands it out: the run-level part of a kind."""
+
+    Options: type[Any]  # a frozen dataclass: the keys matrix.yaml may give this kind
+
+    def __call__(self, spec: PlatformSpec[Any]) -> Platform: ...
+
+    def unavailable(self) -> str | None:
+        """Why no cell of this kind can run here (a skip reason), or None."""
+
+    def prepare(self) -> None:
+        """Once per run, on the controller, before any cell starts."""
+
+    def finish(self) -> None:
+        """Once per run, after the last cell, even an interrupted run."""
 
 
-class UnknownPlatformError(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown platform {name!r}; known: {', '.join(sorted(PLATFORMS))}")
+def driver_class(kind: str) -> Driver:
+    module_name, _, class_name = DRIVERS[kind].partition(":")
+    driver: Driver = getattr(importlib.import_module(module_name), class_name)
+    return driver
 
 
-def open_platform(name: str, options: dict[str, Any]) -> Platform:
-    """The platform `name` of matrix.yaml; its `driver` (default: the name) picks the code."""
-    try:
-        target = PLATFORMS[options.get("driver", name)]
-    except KeyError:
-        raise UnknownPlatformError(options.get("driver", name)) from None
-    module_name, _, class_name = target.partition(":")
-    module = __import__(module_name, fromlist=[class_name])
-    platform: Platform = getattr(module, class_name)({"name": name, **options})
-    return platform
+def parse_platform(name: str, raw: Mapping[str, Any]) -> PlatformSpec[Any]:
+    """One entry of matrix.yaml's `platforms` (without its `overrides`) as a typed spec."""
+    where = f"platforms.{name}"
+    kind = raw.get("driver", name)
+    if not isinstance(kind, str) or kind not in DRIVERS:
+        known = ", ".join(sorted(DRIVERS))
+        raise SpecError(
+            f"{where}.driver",
+            f"{kind!r} is not a driver (without `driver:` a platform's name is its driver); "
+            f"name one of: {known}",
+        )
+    options_type = driver_class(kind).Options
+    own = [f.name for f in fields(options_type)]
+    unknown_keys(raw, ["driver", *COMMON, *own], where, kind)
+    options = read(options_type, {k: v for k, v in raw.items() if k in own}, where)
+    common = {k: v for k, v in raw.items() if k in COMMON}
+    spec: PlatformSpec[Any] = read(
+        PlatformSpec, common, where, name=name, driver=kind, options=options
+    )
+    return spec
 
 
-def driver_of(name: str, options: dict[str, Any]) -> str:
-    return str(options.get("driver", name))
+def open_platform(spec: PlatformSpec[Any]) -> Platform:
+    return driver_class(spec.driver)(spec)
 
 
-def unavailable(name: str, options: dict[str, Any]) -> str | None:
+def unavailable(spec: PlatformSpec[Any]) -> str | None:
     """Why cells of this platform cannot run here at all (a skip reason), or None."""
-    if driver_of(name, options) == "docker":
-        from conformance.platforms.docker import engine_problem
-
-        problem = engine_problem()
-        if problem:
-            return problem
-    if options.get("mode") == "agent":  # the server under test keeps its queue in PostgreSQL
+    problem = driver_class(spec.driver).unavailable()
+    if problem is None and spec.mode == "agent":  # the server keeps its queue in PostgreSQL
         from conformance.service import postgres_unavailable
 
-        return postgres_unavailable()
-    return None
+        problem = postgres_unavailable()
+    return problem
 
 
-def prepare(drivers: set[str]) -> None:
-    """Once per run, on the controller: reap containers that dead sessions left behind."""
-    if "docker" in drivers:
-        from conformance.platforms.docker import engine_problem, reap
-
-        if engine_problem() is None:
-            reap(dead_only=True)
+def prepare(kinds: Iterable[str]) -> None:
+    """Once per run, on the controller: each kind's set-up (reaping what dead runs left)."""
+    for kind in sorted(set(kinds)):
+        driver_class(kind).prepare()
 
 
-def finish(drivers: set[str]) -> None:
-    """After the run, even an interrupted one: none of this session's containers outlives it."""
-    if "docker" in drivers:
-        from conformance.platforms.docker import engine_problem, reap
-
-        if engine_problem() is None:
-            reap(dead_only=False)
+def finish(kinds: Iterable[str]) -> None:
+    """After the run, even an interrupted one: each kind's clean-up."""
+    for kind in sorted(set(kinds)):
+        driver_class(kind).finish()

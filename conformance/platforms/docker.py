@@ -14,19 +14,23 @@ from the request and recorded in the platform's facts.
 from __future__ import annotations
 
 import functools
+import os
+import re
+import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import docker
-
 from conformance.canaries import Canaries
 from conformance.image import worker_image
-from conformance.platforms.host import kill_marked, survivors
+from conformance.platforms.host import kill_marked, own_status, survivors
 from conformance.platforms.session import alive, session
+from conformance.platforms.spec import PlatformSpec, SpecError
 from runtime.doctor import CAPS, cap_names
 
 ENGINE_UNKNOWN = {"PERFMON", "BPF", "CHECKPOINT_RESTORE"}  # newer than Debian's docker.io
+SECURITY_OPTS = ("seccomp", "apparmor", "systempaths", "no-new-privileges", "label")
 SESSION_LABEL = "orvanta.session"
 LISTENER_PORT = 47047
 LISTENER = """
@@ -45,20 +49,46 @@ serve(tcp)
 """
 
 
+@dataclass(frozen=True)
+class DockerOptions:
+    cap_add: tuple[str, ...] = ()  # names without CAP_, or ALL: what the host can grant of them
+    cap_drop: tuple[str, ...] = ()
+    security_opt: tuple[str, ...] = ()  # as `docker run --security-opt`
+    mem_limit: str = "1g"  # also the memory+swap limit
+    pids_limit: int = 512
+
+    def __post_init__(self) -> None:
+        for key in ("cap_add", "cap_drop"):
+            bad = [c for c in getattr(self, key) if c not in (*CAPS.values(), "ALL")]
+            if bad:
+                raise SpecError(
+                    key, f"{bad[0]!r} is no capability: write SYS_ADMIN (no CAP_), or ALL"
+                )
+        for opt in self.security_opt:
+            if opt.partition("=")[0] not in SECURITY_OPTS:
+                raise SpecError(
+                    "security_opt", f"{opt!r}: start it with one of {', '.join(SECURITY_OPTS)}"
+                )
+        if not re.fullmatch(r"[1-9][0-9]*[kmg]", self.mem_limit):
+            raise SpecError("mem_limit", f"{self.mem_limit!r}: write a size like 256m or 1g")
+        if self.pids_limit < 1:
+            raise SpecError("pids_limit", f"{self.pids_limit}: a worker needs at least 1 process")
+
+
 def host_capabilities() -> set[str]:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapBnd:"):
-            return set(cap_names(line.split(":", 1)[1].strip()))
-    return set()
+    return set(cap_names(own_status("CapBnd").get("CapBnd", "0")))
 
 
 class DockerPlatform:
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.name = str(options.get("name", "docker"))
-        self.options = options
+    Options = DockerOptions
+
+    def __init__(self, spec: PlatformSpec[DockerOptions]) -> None:
+        import docker  # the SDK only where a container platform runs
+
+        self.spec = spec
         self.root: Path | None = None
         granted = host_capabilities()
-        requested = list(options.get("cap_add", []))
+        requested = spec.options.cap_add
         wanted = set(CAPS.values()) if "ALL" in requested else set(requested)
         self.not_granted = {c: "not in the host's bounding set" for c in wanted - granted}
         self.not_granted |= {c: "unknown to Docker 20.10" for c in wanted & ENGINE_UNKNOWN}
@@ -66,22 +96,40 @@ class DockerPlatform:
         self.client = docker.from_env()
         self.container_id: str | None = None
 
+    # -- the run: no container of this session outlives it ----------------------------------
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return engine_problem()
+
+    @classmethod
+    def prepare(cls) -> None:
+        """Reap containers that dead sessions left behind."""
+        if engine_problem() is None:
+            reap(dead_only=True)
+
+    @classmethod
+    def finish(cls) -> None:
+        """Reap this session's containers, even after Ctrl-C."""
+        if engine_problem() is None:
+            reap(dead_only=False)
+
+    # -- one cell ----------------------------------------------------------------------------
     def start(self, root: Path) -> None:
         """Create and start the container; on any failure nothing is left behind."""
         api = self.client.api
-        opts = self.options
-        security = [o for o in opts.get("security_opt", []) if o != "systempaths=unconfined"]
+        opts = self.spec.options
+        security = [o for o in opts.security_opt if o != "systempaths=unconfined"]
         host_config = api.create_host_config(
             network_mode="none",
-            mem_limit=opts.get("mem_limit", "1g"),
-            memswap_limit=opts.get("mem_limit", "1g"),
-            pids_limit=int(opts.get("pids_limit", 512)),
+            mem_limit=opts.mem_limit,
+            memswap_limit=opts.mem_limit,
+            pids_limit=opts.pids_limit,
             cap_add=self.cap_add or None,
-            cap_drop=opts.get("cap_drop") or None,
+            cap_drop=list(opts.cap_drop) or None,
             security_opt=security or None,
             binds={str(root): {"bind": str(root), "mode": "rw"}},
         )
-        if "systempaths=unconfined" in opts.get("security_opt", []):
+        if "systempaths=unconfined" in opts.security_opt:
             host_config["MaskedPaths"] = []
             host_config["ReadonlyPaths"] = []
         created = api.create_container(
@@ -102,12 +150,17 @@ class DockerPlatform:
     def spawn_worker(
         self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
     ) -> subprocess.Popen[bytes]:
-        """`orvanta worker` inside the container, holding an fd on the canary file like the host."""
-        flags = [f"--env={k}={v}" for k, v in env.items()]
+        """`orvanta worker` inside the container, holding an fd on the canary file like the host.
+
+        `docker exec -e NAME` (no value) takes the value from the client's own environment:
+        the canary secret travels there, readable by root only, never on a command line.
+        """
+        names = [f"--env={k}" for k in env]
         command = 'exec 3<"$CANARY_FILE"; exec orvanta worker'
         with open(log_path, "ab") as log:
             return subprocess.Popen(
-                ["docker", "exec", *flags, self.id, "sh", "-c", command],
+                [docker_cli(), "exec", *names, self.id, "sh", "-c", command],
+                env={**os.environ, **env},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -147,9 +200,8 @@ class DockerPlatform:
 
     def facts(self) -> dict[str, Any]:
         return {
-            "platform": self.name,
+            **self.spec.facts(),
             "image": worker_image(),
-            "options": {k: v for k, v in self.options.items() if k != "description"},
             "capabilities_added": self.cap_add,
             "capabilities_not_granted": self.not_granted,
         }
@@ -159,6 +211,11 @@ class DockerPlatform:
             self.client.api.remove_container(self.container_id, force=True)
             self.container_id = None
         self.client.close()
+
+
+def docker_cli() -> str:
+    """Found on this process's PATH, not on the worker environment's that the client gets."""
+    return shutil.which("docker") or "docker"
 
 
 @functools.cache

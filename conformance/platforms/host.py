@@ -17,32 +17,55 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from conformance.canaries import Canaries
 from conformance.matrix import ISOLATION_VARS
+from conformance.platforms.spec import PlatformSpec
+
+USERNS_OFF = (
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "--",
+    "sh",
+    "-c",
+    'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"',
+    "sh",
+)  # the worker where user namespaces are off, as on Bottlerocket (R-PLT-5)
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    userns_off: bool = False  # the worker in a user namespace that may create none (R-PLT-5)
 
 
 class HostPlatform:
-    name = "host"
+    Options = HostOptions
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
+    def __init__(self, spec: PlatformSpec[HostOptions]) -> None:
+        self.spec = spec
         self.victim: Path | None = None
-        self.prefix: list[str] = []
-        if options.get("userns_off"):
-            self.prefix = [
-                "unshare",
-                "--user",
-                "--map-root-user",
-                "--",
-                "sh",
-                "-c",
-                'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"',
-                "sh",
-            ]
+        self.prefix = USERNS_OFF if spec.options.userns_off else ()
 
+    # -- the run: the host needs no set-up of its own --------------------------------------
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    @classmethod
+    def prepare(cls) -> None:
+        pass
+
+    @classmethod
+    def finish(cls) -> None:
+        pass
+
+    # -- one cell ----------------------------------------------------------------------------
     def spawn_worker(
         self, env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...]
     ) -> subprocess.Popen[bytes]:
@@ -82,18 +105,8 @@ class HostPlatform:
         pass
 
     def facts(self) -> dict[str, Any]:
-        status = Path("/proc/self/status").read_text().splitlines()
-        wanted = ("CapEff", "CapBnd", "Seccomp", "NoNewPrivs")
-        return {
-            "platform": self.name,
-            "options": self.options,
-            "kernel": platform.release(),
-            **{
-                line.split(":")[0]: line.split(":")[1].strip()
-                for line in status
-                if line.split(":")[0] in wanted
-            },
-        }
+        wanted = own_status("CapEff", "CapBnd", "Seccomp", "NoNewPrivs")
+        return {**self.spec.facts(), "kernel": platform.release(), **wanted}
 
     def close(self) -> None:
         if self.victim is not None:
@@ -101,33 +114,40 @@ class HostPlatform:
             self.victim = None
 
 
-def survivors(marker: str) -> list[str]:
-    """Command lines of live processes whose argv contains marker (any PID namespace's,
-    since the host sees them all)."""
-    found = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if needle in cmdline:
-            args = cmdline.replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{entry}: {args}")
+def own_status(*keys: str) -> dict[str, str]:
+    """Fields of this process's /proc/self/status (capability masks, seccomp) that psutil
+    does not read."""
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            found[key] = value.strip()
     return found
 
 
+def marked(marker: str) -> list[psutil.Process]:
+    """Live processes whose argv holds marker, in any PID namespace (the host sees them all)."""
+    me = os.getpid()
+    return [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if proc.pid != me and marker in " ".join(proc.info["cmdline"] or ())
+    ]
+
+
+def survivors(marker: str) -> list[str]:
+    """`pid: command line` of each live process whose argv holds marker."""
+    return [f"{proc.pid}: {' '.join(proc.info['cmdline'])}" for proc in marked(marker)]
+
+
 def kill_marked(marker: str) -> list[str]:
-    """SIGKILL every process whose argv holds `marker` (a probe's survivors, by pid)."""
+    """SIGKILL every process whose argv holds `marker` (a probe's survivors). psutil checks
+    that a pid still names the process it found, so a reused pid is never hit."""
     killed = []
-    for line in survivors(marker):
-        pid = int(line.split(":", 1)[0])
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(f"process {line}")
+    for proc in marked(marker):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+            killed.append(f"process {proc.pid}: {' '.join(proc.info['cmdline'])}")
     return killed
 
 
@@ -153,10 +173,7 @@ def remove_cgroup(group: Path) -> None:
         for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
             with contextlib.suppress(OSError):
                 (path / name).write_text(value)
-        with contextlib.suppress(OSError):
-            for pid in (path / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
+        kill_members(path)
     for path in groups:
         for _ in range(100):
             try:
@@ -203,12 +220,20 @@ def cleanup_host(token: str, victim: Path | None) -> list[str]:
             remove_cgroup(Path(path))
             removed.append(path)
     if victim is not None:  # a probe that joined the victim group: gone with its job
-        with contextlib.suppress(OSError):
-            for pid in (victim / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-                removed.append(f"pid {pid} in the victim cgroup")
+        removed += [f"pid {pid} in the victim cgroup" for pid in kill_members(victim)]
     return removed
+
+
+def kill_members(group: Path) -> list[str]:
+    """SIGKILL every process in a cgroup; returns their pids."""
+    try:
+        pids = (group / "cgroup.procs").read_text().split()
+    except OSError:
+        return []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    return pids
 
 
 def mq_unlink(name: str) -> bool:
