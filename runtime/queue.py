@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from runtime.database import PostgresDatabase, SqliteDatabase, connect
-from runtime.executor import JobResult, JobSpec
+from runtime.jobs import DEFAULT_TAG, DEFAULT_WORKSPACE, JobResult, JobSpec, QueuedJob
 from runtime.languages import is_plain_name
 from runtime.submission import validate_job
 
-DEFAULT_TAG = "default"
-DEFAULT_WORKSPACE = "default"
 WORKER_LIVE_SECONDS = 15.0  # a worker not seen for this long serves no tag
 MAX_ATTEMPTS = 5  # a job whose workers died (or could not report) this often fails for good
 
@@ -92,20 +90,6 @@ def check_name(what: str, value: str) -> str:
     if not is_plain_name(value):
         raise InvalidNameError(what, value)
     return value
-
-
-@dataclass(frozen=True)
-class QueuedJob:
-    id: str
-    status: str  # queued | running | done
-    attempts: int
-    result: JobResult | None
-    tag: str = DEFAULT_TAG
-    workspace: str = DEFAULT_WORKSPACE
-    worker: str | None = None
-    worker_group: str | None = None
-    created: float = 0.0
-    finished: float | None = None
 
 
 @dataclass(frozen=True)

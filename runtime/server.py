@@ -45,9 +45,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
-from runtime.executor import JobResult
+from runtime.jobs import JobResult, QueuedJob
 from runtime.languages import PLAIN_NAME_PATTERN, is_plain_name
-from runtime.queue import JobQueue, QueuedJob, WorkerGroup
+from runtime.queue import JobQueue, WorkerGroup
 from runtime.settings import positive_int
 from runtime.submission import (
     ENV_NAME_PATTERN,
