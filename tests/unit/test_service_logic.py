@@ -9,8 +9,8 @@ import pytest
 
 from runtime.database import DatabaseURLError, SqliteDatabase, connect, redact
 from runtime.languages import LANGUAGES, VolumeAnnotationError, VolumeRequest, volume_annotations
-from runtime.queue import InvalidNameError, check_name
 from runtime.settings import JOB_ISOLATION_VALUES, Settings, SettingsError
+from runtime.store.errors import InvalidNameError, check_name
 
 
 @pytest.mark.req("R-ANN-4")
@@ -151,10 +151,10 @@ def test_tags_groups_and_workspaces_are_plain_names(name: str) -> None:
 
 
 def test_the_api_enums_match_the_runtime() -> None:
-    from runtime import server
+    from runtime.api import models
 
-    assert set(typing.get_args(server.Language)) == set(LANGUAGES)
-    assert set(typing.get_args(server.Isolation)) == set(JOB_ISOLATION_VALUES)
+    assert set(typing.get_args(models.Language)) == set(LANGUAGES)
+    assert set(typing.get_args(models.Isolation)) == set(JOB_ISOLATION_VALUES)
 
 
 def test_a_queue_file_of_an_older_worker_gains_the_new_columns(tmp_path: Path) -> None:
