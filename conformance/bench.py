@@ -26,8 +26,9 @@ from typing import Any
 from runtime import idmap
 from runtime.backends.nsjail import render_config
 from runtime.backends.unshare import launch_flags
-from runtime.executor import JobRunner, JobSpec
+from runtime.executor import JobRunner
 from runtime.idmap import let_jobs_through
+from runtime.jobs import JobSpec
 from runtime.settings import Settings
 from runtime.startup import probe_host
 

@@ -19,7 +19,7 @@ import socket
 import urllib.parse
 from typing import Any
 
-from runtime.executor import JobResult, JobSpec
+from runtime.jobs import JobResult, JobSpec
 
 log = logging.getLogger("orvanta.agent")
 

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from runtime.executor import JobResult, JobSpec
+from runtime.jobs import JobResult, JobSpec
 from runtime.languages import LANGUAGES, UnknownLanguageError, guess_language
 from runtime.settings import Settings, SettingsError
 from runtime.startup import StartupError

@@ -3,7 +3,10 @@
 SQLite is the zero-set-up default (one file in ORVANTA_STATE_DIR, workers on one
 host). PostgreSQL (`DATABASE_URL=postgresql://...`) lets workers on many
 machines share one queue. The queue's SQL is written once with `?`
-placeholders; only claiming differs (`FOR UPDATE SKIP LOCKED` on PostgreSQL).
+placeholders; what differs between the two (row locks for claiming, reading
+a table's columns, serialising schema changes, duplicate-key errors) lives
+here, behind the `Database` protocol, so the stores never ask which one they
+have.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +25,8 @@ Row = tuple[Any, ...]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_SCHEME = "sqlite:///"
+_SQLITE_DUPLICATE = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
+SCHEMA_LOCK = 5617  # PostgreSQL advisory lock held while a queue's tables are made or changed
 
 
 class DatabaseURLError(ValueError):
@@ -50,24 +55,46 @@ def redact(url: str) -> str:
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
+class DuplicateKeyError(Exception):
+    """A row whose primary or unique key another row holds; both databases raise this one."""
+
+
 class Database(Protocol):
     kind: str  # sqlite | postgresql
     display: str  # where it is, password redacted
+    # ends a claim's inner SELECT: concurrent claimers skip a row another one is taking
+    # (PostgreSQL); empty on SQLite, whose writers take turns anyway
+    skip_locked: str
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Run one statement; the rows it returns (RETURNING included)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Run one statement; how many rows it changed."""
+        """Run one statement; how many rows it changed. DuplicateKeyError on a taken key."""
 
-    def transaction(self) -> Any:
-        """A context manager holding one write transaction."""
+    def script(self, sql: str) -> None:
+        """Run `;`-separated statements (schema) in the current transaction, if any."""
+
+    def columns(self, table: str) -> set[str]:
+        """The column names `table` has now: an older queue gains new ones in place."""
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """One write transaction."""
+
+    def schema_transaction(self) -> AbstractContextManager[None]:
+        """A transaction no other process changes the schema in: workers start together."""
 
     def close(self) -> None: ...
 
 
+def statements(sql: str) -> list[str]:
+    """The statements of a schema script (no `;` inside a statement)."""
+    return [statement for statement in sql.split(";") if statement.strip()]
+
+
 class SqliteDatabase:
     kind = "sqlite"
+    skip_locked = ""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,16 +113,20 @@ class SqliteDatabase:
         self._db.execute("PRAGMA synchronous=NORMAL")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self._lock:
+        with self._lock, self._duplicates():
             return self._db.execute(sql, tuple(params)).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self._lock:
+        with self._lock, self._duplicates():
             return self._db.execute(sql, tuple(params)).rowcount
 
     def script(self, sql: str) -> None:
-        with self._lock:
-            self._db.executescript(sql)
+        with self._lock:  # not executescript: it commits the transaction it runs in
+            for statement in statements(sql):
+                self._db.execute(statement)
+
+    def columns(self, table: str) -> set[str]:
+        return {row[1] for row in self.query(f"PRAGMA table_info({table})")}
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -108,6 +139,19 @@ class SqliteDatabase:
                 raise
             self._db.execute("COMMIT")
 
+    def schema_transaction(self) -> AbstractContextManager[None]:
+        return self.transaction()  # BEGIN IMMEDIATE: one writer at a time already
+
+    @staticmethod
+    @contextmanager
+    def _duplicates() -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.IntegrityError as exc:
+            if exc.sqlite_errorcode in _SQLITE_DUPLICATE:
+                raise DuplicateKeyError(str(exc)) from exc
+            raise
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -115,6 +159,7 @@ class SqliteDatabase:
 
 class PostgresDatabase:
     kind = "postgresql"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str) -> None:
         self.display = redact(url)
@@ -145,31 +190,56 @@ class PostgresDatabase:
         return sql.replace("?", "%s")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with self._lock, self._live().cursor() as cur:
+        with self._lock, self._duplicates(), self._live().cursor() as cur:
             cur.execute(self._sql(sql), tuple(params))
             return list(cur.fetchall()) if cur.description else []
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self._lock, self._live().cursor() as cur:
+        with self._lock, self._duplicates(), self._live().cursor() as cur:
             cur.execute(self._sql(sql), tuple(params))
             return int(cur.rowcount)
 
     def script(self, sql: str) -> None:
         with self._lock:
-            for statement in filter(str.strip, sql.split(";")):
+            for statement in statements(sql):
                 self._live().execute(statement)
+
+    def columns(self, table: str) -> set[str]:
+        rows = self.query(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        )
+        return {row[0] for row in rows}
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self._lock, self._live().transaction():
             yield
 
+    @contextmanager
+    def schema_transaction(self) -> Iterator[None]:
+        # CREATE TABLE IF NOT EXISTS races itself in PostgreSQL: queues opened at once wait here
+        with self.transaction():
+            self.query(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+            yield
+
+    @staticmethod
+    @contextmanager
+    def _duplicates() -> Iterator[None]:
+        from psycopg.errors import UniqueViolation
+
+        try:
+            yield
+        except UniqueViolation as exc:
+            raise DuplicateKeyError(str(exc)) from exc
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def connect(url: str | None, state_dir: Path) -> SqliteDatabase | PostgresDatabase:
+def connect(url: str | None, state_dir: Path) -> Database:
     """The queue database DATABASE_URL names, or the SQLite file in the state dir."""
     if not url:
         return SqliteDatabase(state_dir / "queue.sqlite3")

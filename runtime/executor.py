@@ -17,14 +17,14 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
 from runtime import idmap, reaper
 from runtime.backends import PreparedJob, make_backend
 from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
 from runtime.jobdir import JobDir, held, remove_tree, sweep_orphans
+from runtime.jobs import JobResult as JobResult  # re-exported: conformance.harness imports it
+from runtime.jobs import JobSpec
 from runtime.languages import is_plain_name, language, volume_annotations, wants_sandbox
 from runtime.selection import Decision, IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
@@ -38,31 +38,6 @@ JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
 ENV_NAME = re.compile(ENV_NAME_PATTERN)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    id: str
-    language: str
-    script: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    timeout: float | None = None
-    workspace: str = "default"  # whose persistent volumes the job may mount (R-ANN-4)
-
-
-@dataclass
-class JobResult:
-    job_id: str
-    isolation: str
-    status: str  # success | failure | timeout | error
-    exit_code: int | None
-    duration: float
-    stdout: str
-    stderr: str
-    log: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Cancellation:

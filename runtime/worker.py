@@ -18,7 +18,8 @@ from types import FrameType
 from typing import Protocol
 
 from runtime import cgroups, idmap
-from runtime.executor import Cancellation, JobResult, JobRunner, JobSpec
+from runtime.executor import Cancellation, JobRunner
+from runtime.jobs import JobResult, JobSpec
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import JOB_ISOLATION_VALUES, Settings
 from runtime.startup import HostCapabilities, probe_host

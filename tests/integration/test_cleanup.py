@@ -169,7 +169,8 @@ def test_nsjail_cgroups_are_removed(
 @pytest.mark.req("R-JOB-3")
 def test_a_retry_after_a_reboot_clears_the_old_directory_and_runs(tmp_path: Path) -> None:
     """Cgroups reset, the state dir kept: the old attempt's directory must not fail the job."""
-    from runtime.executor import JobRunner, JobSpec
+    from runtime.executor import JobRunner
+    from runtime.jobs import JobSpec
     from runtime.settings import Settings
     from runtime.startup import probe_host
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import BACKEND_ENV, processes_with, tool_missing
 
-from runtime.executor import JobResult, JobRunner, JobSpec
+from runtime.executor import JobRunner
+from runtime.jobs import JobResult, JobSpec
 from runtime.settings import Settings
 from runtime.startup import probe_host
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import BACKEND_ENV, tool_missing
 
-from runtime.executor import JobRunner, JobSpec
+from runtime.executor import JobRunner
+from runtime.jobs import JobSpec
 from runtime.settings import Settings
 from runtime.startup import probe_host
 

@@ -26,7 +26,8 @@ from cli_helpers import (
     wait_until,
 )
 
-from runtime.queue import JobQueue, QueuedJob
+from runtime.jobs import QueuedJob
+from runtime.queue import JobQueue
 from runtime.settings import Settings
 
 pytestmark = pytest.mark.integration

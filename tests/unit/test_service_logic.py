@@ -9,8 +9,8 @@ import pytest
 
 from runtime.database import DatabaseURLError, SqliteDatabase, connect, redact
 from runtime.languages import LANGUAGES, VolumeAnnotationError, VolumeRequest, volume_annotations
-from runtime.queue import InvalidNameError, check_name
 from runtime.settings import JOB_ISOLATION_VALUES, Settings, SettingsError
+from runtime.store.errors import InvalidNameError, check_name
 
 
 @pytest.mark.req("R-ANN-4")
@@ -151,28 +151,7 @@ def test_tags_groups_and_workspaces_are_plain_names(name: str) -> None:
 
 
 def test_the_api_enums_match_the_runtime() -> None:
-    from runtime import server
+    from runtime.api import models
 
-    assert set(typing.get_args(server.Language)) == set(LANGUAGES)
-    assert set(typing.get_args(server.Isolation)) == set(JOB_ISOLATION_VALUES)
-
-
-def test_a_queue_file_of_an_older_worker_gains_the_new_columns(tmp_path: Path) -> None:
-    import sqlite3
-
-    from runtime.queue import JobQueue
-
-    old = sqlite3.connect(tmp_path / "queue.sqlite3")
-    old.executescript(
-        """CREATE TABLE jobs (id TEXT PRIMARY KEY, language TEXT NOT NULL, script TEXT NOT NULL,
-           env TEXT NOT NULL DEFAULT '{}', timeout REAL, status TEXT NOT NULL DEFAULT 'queued',
-           worker TEXT, attempts INTEGER NOT NULL DEFAULT 0, lease_until REAL,
-           cancel INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, finished REAL, result TEXT);
-           INSERT INTO jobs (id, language, script, created) VALUES ('old', 'bash', 'echo', 1);"""
-    )
-    old.commit()
-    old.close()
-    queue = JobQueue.in_state_dir(tmp_path)
-    spec = queue.claim("w", 30)
-    assert spec is not None and (spec.id, spec.workspace) == ("old", "default")
-    queue.close()
+    assert set(typing.get_args(models.Language)) == set(LANGUAGES)
+    assert set(typing.get_args(models.Isolation)) == set(JOB_ISOLATION_VALUES)

@@ -1,0 +1,149 @@
+"""The queue's stores on both databases: typed refusals, the schema, what the facade joins.
+
+PostgreSQL runs where the machine has it (ORVANTA_TEST_POSTGRES_URL or
+.venv/postgres.url, as for tests/service) and is skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conformance.service import ROOT, postgres_unavailable, scratch_postgres
+from runtime.database import Database, DuplicateKeyError, connect
+from runtime.queue import JobQueue
+from runtime.store.claims import ClaimStore
+from runtime.store.errors import (
+    Conflict,
+    GroupExists,
+    GroupNotFound,
+    JobNotFound,
+    NotFound,
+)
+from runtime.store.groups import GroupStore
+from runtime.store.instance_settings import InstanceSettings
+from runtime.store.jobs import JobStore
+from runtime.store.workers import WorkerRegistry
+
+STORES = (JobStore, ClaimStore, WorkerRegistry, GroupStore, InstanceSettings)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/queue.sqlite3"
+        return
+    why = postgres_unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL half (run scripts/setup): {why}")
+        pytest.skip(why)
+    with scratch_postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def queue(database_url: str, tmp_path: Path) -> Iterator[JobQueue]:
+    q = JobQueue.open(database_url, tmp_path)
+    yield q
+    q.close()
+
+
+def test_missing_jobs_and_groups_are_not_found(queue: JobQueue) -> None:
+    for refuse in (
+        lambda: queue.cancel("nope"),
+        lambda: queue.job("nope"),
+        lambda: queue.wait("nope", 1),
+    ):
+        with pytest.raises(JobNotFound) as err:
+            refuse()
+        assert isinstance(err.value, NotFound) and str(err.value).startswith("no job 'nope'")
+    for refuse in (lambda: queue.delete_group("g"), lambda: queue.rotate_group_token("g")):
+        with pytest.raises(GroupNotFound, match=r"^no worker group 'g'$"):
+            refuse()
+    assert queue.get("nope") is None
+
+
+def test_a_taken_group_name_is_a_conflict_and_keeps_the_first_token(queue: JobQueue) -> None:
+    token = queue.create_group("g", ("a",))
+    with pytest.raises(GroupExists, match=r"^worker group 'g' already exists$") as err:
+        queue.create_group("g", ("b",))
+    assert isinstance(err.value, Conflict) and not isinstance(err.value, NotFound)
+    group = queue.group_for_token(token)
+    assert group is not None and group.tags == ("a",)
+
+
+def test_the_refusals_stay_what_older_callers_catch() -> None:
+    """The CLI catches KeyError (missing) and ValueError (refused) and prints the message."""
+    assert issubclass(NotFound, KeyError) and issubclass(Conflict, ValueError)
+    assert not issubclass(NotFound, ValueError) and not issubclass(Conflict, KeyError)
+    assert JobNotFound("x").args[0] == str(JobNotFound("x")) == "no job 'x'"
+
+
+def test_both_databases_report_a_duplicate_key_alike(queue: JobQueue) -> None:
+    db: Database = queue.db
+    db.execute("INSERT INTO instance_settings (key, value) VALUES (?, ?)", ("k", "1"))
+    with pytest.raises(DuplicateKeyError):
+        db.execute("INSERT INTO instance_settings (key, value) VALUES (?, ?)", ("k", "2"))
+    assert queue.setting("k") == "1"
+    assert {"id", "tag", "workspace", "worker_group", "result"} <= db.columns("jobs")
+
+
+def test_a_queue_of_an_older_release_gains_the_new_columns(
+    database_url: str, tmp_path: Path
+) -> None:
+    old = connect(database_url, tmp_path)
+    old.script(
+        """CREATE TABLE jobs (id TEXT PRIMARY KEY, language TEXT NOT NULL, script TEXT NOT NULL,
+           env TEXT NOT NULL DEFAULT '{}', timeout DOUBLE PRECISION,
+           status TEXT NOT NULL DEFAULT 'queued', worker TEXT,
+           attempts INTEGER NOT NULL DEFAULT 0, lease_until DOUBLE PRECISION,
+           cancel INTEGER NOT NULL DEFAULT 0, created DOUBLE PRECISION NOT NULL,
+           finished DOUBLE PRECISION, result TEXT);
+           INSERT INTO jobs (id, language, script, created) VALUES ('old', 'bash', 'echo', 1)"""
+    )
+    old.close()
+    for _ in range(2):  # opening it again finds nothing left to add
+        queue = JobQueue.open(database_url, tmp_path)
+        queue.close()
+    queue = JobQueue.open(database_url, tmp_path)
+    spec = queue.claim("w", 30)
+    assert spec is not None and (spec.id, spec.workspace) == ("old", "default")
+    assert queue.held_by_group("old", "g") is False  # claimed by a normal worker: no group
+    queue.close()
+
+
+def test_the_stores_method_names_are_disjoint() -> None:
+    """JobQueue joins the stores by inheritance: a shared name would hide one silently."""
+    seen: dict[str, str] = {}
+    for store in STORES:
+        for name, _ in inspect.getmembers(store, inspect.isfunction):
+            if not name.startswith("_"):
+                assert name not in seen, f"{store.__name__}.{name} hides {seen[name]}.{name}"
+                seen[name] = store.__name__
+    assert all(issubclass(JobQueue, store) for store in STORES)
+
+
+@pytest.mark.req("R-AGT-1")
+def test_the_agent_imports_the_standard_library_and_the_job_types_only() -> None:
+    code = (
+        "import sys, runtime.agent\n"
+        "print(sorted(m for m in sys.modules if m.startswith('runtime')))\n"
+        "print(sorted(m for m in ('fastapi', 'pydantic', 'psycopg', 'sqlite3') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out == ["['runtime', 'runtime.agent', 'runtime.jobs']", "[]"]
