@@ -190,14 +190,15 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
         else [settings.python_path, "-u", str(script)]
     )
     caps = probe_host(settings)
+    unshare, nsjail = caps.of("unshare").path, caps.of("nsjail").path
     if backend == "unshare":
-        assert caps.unshare.path and caps.tini.path
+        assert unshare and caps.tini.path
         helpers = f"PATH={idmap.launcher_env(settings)['PATH']}"
         return [
             "/usr/bin/env",
             helpers,
-            caps.unshare.path,
-            *launch_flags(settings, caps.unshare.path),
+            unshare,
+            *launch_flags(settings, unshare),
             "--",
             caps.tini.path,
             "-s",
@@ -205,7 +206,7 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
             *command,
         ]
     if backend == "nsjail":
-        assert caps.nsjail.path
+        assert nsjail
         job_dir = tmp / "rawjob"
         job_dir.mkdir(exist_ok=True)
         (job_dir / script.name).write_text(SCRIPTS[language])
@@ -217,7 +218,7 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
             if language == "bash"
             else [settings.python_path, "-u", f"/job/{script.name}"]
         )
-        return [caps.nsjail.path, "-Mo", "--config", str(config), "--", *inner]
+        return [nsjail, "-Mo", "--config", str(config), "--", *inner]
     return command
 
 

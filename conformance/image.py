@@ -37,6 +37,7 @@ PACKAGES = (
     "python3-pip",
     "util-linux",
     "tini",
+    "bubblewrap",
     "procps",
     "iproute2",
     "python3-psutil",

@@ -16,8 +16,10 @@ import yaml
 from conformance.platforms import parse_platform
 from conformance.platforms.spec import MODES, PlatformSpec, SpecError
 from conformance.resources import suite_file
+from runtime.backends import BACKEND_NAMES
 
-BACKENDS = ("none", "unshare", "nsjail")
+BACKENDS = BACKEND_NAMES  # the registry: a backend with its module has a column
+
 OUTCOMES = ("blocked", "exposed")
 PROBES_DIR = suite_file("fixtures/probes")
 JOBS_DIR = suite_file("fixtures/jobs")

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime import cgroups, startup
+from runtime.backends import BACKEND_NAMES, backend_class
+from runtime.capabilities import PROBE_TIMEOUT, Probe
 from runtime.settings import Settings
-from runtime.startup import Probe
 
 # Capability number -> name (linux/capability.h), 0..40, one name per number in order.
 _CAP_TABLE = """CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID KILL SETGID SETUID SETPCAP
@@ -90,7 +91,8 @@ def run_checks(settings: Settings) -> list[Check]:
     checks += [_no_new_privs(status.get("NoNewPrivs", "0")), _container(status, masks)]
     no_userns = userns.status != "ok"
     checks += [_proc_masked(masks), _cgroups(), _unshare(settings, no_userns), _tini(settings)]
-    return [*checks, _nsjail(settings, no_userns)]
+    checks.append(_nsjail(settings, no_userns))
+    return checks + [_other(name, settings) for name in BACKEND_NAMES if name not in PAGE_CHECKED]
 
 
 def render(checks: list[Check]) -> str:
@@ -222,7 +224,7 @@ def _cgroups() -> Check:
 
 
 def _unshare(settings: Settings, no_userns: bool) -> Check:
-    p = _probe(startup.probe_unshare, settings)
+    p = _probe(backend_class("unshare").probe, settings)
     use = f"ENABLE_UNSHARE_PID={str(settings.enable_unshare_pid).lower()}"
     if p.ok:
         return Check("unshare", "ok", f"{p.detail} ({use})")
@@ -231,6 +233,19 @@ def _unshare(settings: Settings, no_userns: bool) -> Check:
         fix = f"{NO_USERNS_UNSHARE}\n{fix}"
     detail = f"flags {' '.join(settings.unshare_flags)}: {p.detail} ({use})"
     return Check("unshare", "fail" if settings.enable_unshare_pid else "warn", detail, fix)
+
+
+PAGE_CHECKED = ("none", "unshare", "nsjail")  # each has its own check above, with the page's fixes
+
+
+def _other(name: str, settings: Settings) -> Check:
+    """A backend beyond the page: whether it works here, and whether it is the one asked for."""
+    p = _probe(backend_class(name).probe, settings)
+    chosen = settings.backend == name
+    use = "chosen (ORVANTA_BACKEND)" if chosen else "not chosen"
+    if p.ok:
+        return Check(name, "ok", f"{p.detail}; {use}")
+    return Check(name, "fail" if chosen else "info", f"{p.detail}; {use}")
 
 
 def _tini(settings: Settings) -> Check:
@@ -243,7 +258,7 @@ def _tini(settings: Settings) -> Check:
 
 def _nsjail(settings: Settings, no_userns: bool) -> Check:
     required = not settings.disable_nsjail or settings.force_nsjail
-    p = _probe(startup.probe_nsjail, settings)
+    p = _probe(backend_class("nsjail").probe, settings)
     detail = f"{p.detail}; " + ("required" if required else "not enabled (DISABLE_NSJAIL=true)")
     if p.ok:
         return Check("nsjail", "ok", detail)
@@ -299,7 +314,7 @@ def _read(path: str) -> str:
 
 def _run(argv: list[str]) -> tuple[bool, str]:
     try:
-        limit = startup.PROBE_TIMEOUT
+        limit = PROBE_TIMEOUT
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, str(exc)

@@ -20,7 +20,8 @@ import time
 from collections.abc import Iterator
 
 from runtime import idmap, reaper
-from runtime.backends import PreparedJob, make_backend
+from runtime.backends import Backend, Launch, PreparedJob, make_backend
+from runtime.capabilities import HostCapabilities
 from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
 from runtime.jobdir import JobDir, held, remove_tree, sweep_orphans
 from runtime.jobs import JobResult as JobResult  # re-exported: conformance.harness imports it
@@ -28,7 +29,6 @@ from runtime.jobs import JobSpec
 from runtime.languages import is_plain_name, language, volume_annotations, wants_sandbox
 from runtime.selection import Decision, IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
-from runtime.startup import HostCapabilities
 from runtime.submission import ENV_NAME_PATTERN
 from runtime.volumes import VolumeError, adopt_volume, claim_volume, open_volume
 
@@ -90,7 +90,9 @@ class JobRunner:
         try:
             annotated = wants_sandbox(spec.script)
             decision = select_isolation(settings, self.caps, annotated)
-            ids = self._ids(settings, decision)
+            backend = make_backend(decision.backend, settings, self.caps)
+            if backend.own_ids() and idmap.hardened(settings):
+                ids = idmap.take_ids(settings)
             owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
             volume_fds = self._volumes(spec, owner, timeout=spec.timeout or settings.job_timeout)
         except (IsolationUnavailableError, ValueError, OSError, RuntimeError) as exc:
@@ -102,7 +104,9 @@ class JobRunner:
             log.error("job %s refused: %s", spec.id, exc)
             return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
         try:
-            return self._run(spec, settings, cancel, decision, annotated, ids, volume_fds, started)
+            return self._run(
+                spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started
+            )
         finally:
             if ids is not None:
                 ids.release()  # every process of the job is gone by now
@@ -113,6 +117,7 @@ class JobRunner:
         settings: Settings,
         cancel: Cancellation | None,
         decision: Decision,
+        backend: Backend,
         annotated: bool,
         ids: idmap.JobIds | None,
         volume_fds: list[tuple[int, str]],
@@ -124,11 +129,10 @@ class JobRunner:
         job_log.append(f"isolation: {decision.backend} ({decision.reason})")
         if decision.backend == "nsjail" and annotated:
             job_log.append("sandbox mode (nsjail)")
-        backend = make_backend(decision.backend, settings, self.caps)
 
         timeout = spec.timeout or settings.job_timeout
         root = self.jobs_dir / spec.id
-        cgroup = JobCgroup.create(spec.id, nsjail=decision.backend == "nsjail")
+        cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups)
         # A fresh tracking group holds no process of an earlier attempt, but that attempt's
         # directory may survive it (a reboot or container restart resets cgroups only).
         stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
@@ -142,7 +146,7 @@ class JobRunner:
             remove_tree(root)
             job_log.append(f"retry: removed the previous attempt's files and {killed} process(es)")
         nsjail_parent = None
-        if decision.backend == "nsjail":
+        if backend.own_cgroups:
             nsjail_parent = (
                 job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
             )
@@ -162,7 +166,7 @@ class JobRunner:
             try:
                 while volume_fds:
                     fd, name = volume_fds.pop(0)
-                    source = place.add_volume(fd, name, decision.backend == "nsjail")
+                    source = place.add_volume(fd, name, backend.own_mounts)
                     if source is not None:
                         jail_binds.append((source, name))
                     job_log.append(f"volume: {name}")
@@ -184,7 +188,7 @@ class JobRunner:
                 ids.owner if ids is not None else None,
             )
             launch = backend.launch(job, _job_env(spec, backend.inner_dir(job)))
-            outcome = self._execute(launch.argv, launch.env, job, cgroup, cancel)
+            outcome = self._execute(launch, job, cgroup, cancel)
             if place.full():
                 job_log.append(
                     f"disk quota: the job filled its {settings.limits.disk_mb} MiB job dir "
@@ -213,14 +217,6 @@ class JobRunner:
         return JobResult(
             spec.id, decision.backend, status, exit_code, duration, stdout, stderr, job_log
         )
-
-    def _ids(self, settings: Settings, decision: Decision) -> idmap.JobIds | None:
-        """The job's own unprivileged host ids where its root is not the host's (unshare,
-        nsjail with a user namespace) and the worker may map them; None: the worker's ids."""
-        sandboxed = decision.backend == "unshare" or (
-            decision.backend == "nsjail" and not settings.disable_nuser
-        )
-        return idmap.take_ids(settings) if sandboxed and idmap.hardened(settings) else None
 
     def _volumes(
         self, spec: JobSpec, owner: tuple[int, int], timeout: float
@@ -252,8 +248,7 @@ class JobRunner:
 
     def _execute(
         self,
-        argv: list[str],
-        env: dict[str, str],
+        launch: Launch,
         job: PreparedJob,
         cgroup: JobCgroup | None,
         cancel: Cancellation | None,
@@ -263,17 +258,24 @@ class JobRunner:
         # for the spawn; every process of the job inherits them, with no race.
         spared = frozenset(reaper.own_children())
         joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
-        with joined, _oom_score(JOB_OOM_SCORE_ADJ):
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                close_fds=True,  # R-JOB-2: nothing but stdio crosses into the job
-                env=env,
-                cwd=job.job_dir,
-                start_new_session=True,
-            )
+        fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in launch.read_files]
+        try:
+            argv = launch.argv_for(fds)
+            with joined, _oom_score(JOB_OOM_SCORE_ADJ):
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    close_fds=True,  # R-JOB-2: stdio, and what the launcher reads, nothing else
+                    pass_fds=fds,
+                    env=launch.env,
+                    cwd=job.job_dir,
+                    start_new_session=True,
+                )
+        finally:
+            for fd in fds:
+                os.close(fd)
         try:
             out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
         finally:

@@ -239,3 +239,21 @@ def prepare_state_dir(state_dir: Path) -> None:
     info = state_dir.stat()
     if info.st_uid == os.geteuid() and info.st_mode & 0o077:
         state_dir.chmod(0o700)
+
+
+def jobs_root_problem(settings: Settings) -> str | None:
+    """Why the job uid cannot reach the jobs root (unshare's jobs walk their host path, and
+    nsjail mounts the job dir as the job uid), or None."""
+    if not hardened(settings):
+        return None
+    jobs = settings.job_root
+    jobs.mkdir(parents=True, exist_ok=True, mode=0o711)
+    closed = unreachable(jobs, settings.job_uid, settings.job_gid)
+    if closed is None:
+        return None
+    return (
+        f"jobs run as host uid {settings.job_uid} (ORVANTA_JOB_UID) and reach their "
+        f"directories under {jobs} by path, but {closed} does not let that uid through "
+        f"(mode {closed.stat().st_mode & 0o777:o}); give it o+x or set ORVANTA_JOBS_DIR "
+        "to a directory whose parents do"
+    )

@@ -90,7 +90,7 @@ def kill_orphans(
     thawed: set[int] = set()
     while pending:
         for pid in pending:
-            if pid not in orphans.killed:
+            if pid not in orphans.killed and not _exited(pid):
                 orphans.killed.append(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -107,6 +107,17 @@ def kill_orphans(
         if pending:
             time.sleep(0.005)
     return orphans
+
+
+def _exited(pid: int) -> bool:
+    """Already dead, waiting to be reaped (a launcher's helper that ended with the job, as
+    bwrap's init does): no survivor to report."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :].startswith(("Z", "X"))
 
 
 def _thaw(pid: int) -> None:

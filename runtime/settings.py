@@ -69,6 +69,7 @@ class Settings:
     output_limit: int = 1 << 20
     lease_seconds: float = 30.0
     limits: JobLimits = field(default_factory=JobLimits)
+    backend: str | None = None  # ORVANTA_BACKEND: one backend for every job, past the hierarchy
     mode: str = "worker"  # worker: the queue database; agent: the server's API only (R-AGT-1)
     database_url: str | None = field(default=None, repr=False)
     server_url: str | None = None
@@ -134,6 +135,18 @@ class Settings:
                     "or the count.",
                 )
         jobs_dir = env.get("ORVANTA_JOBS_DIR") or None
+        backend = env.get("ORVANTA_BACKEND") or None
+        if backend is not None:
+            from runtime.backends import BACKEND_NAMES
+
+            if backend not in BACKEND_NAMES:
+                raise SettingsError(
+                    "ORVANTA_BACKEND",
+                    backend,
+                    ", ".join(BACKEND_NAMES),
+                    "Unset it to keep the page's hierarchy (nsjail, then the PID namespace, "
+                    "then none).",
+                )
         mode = env.get("MODE") or "worker"
         if mode not in MODE_VALUES:
             raise SettingsError("MODE", mode, ", ".join(MODE_VALUES))
@@ -163,6 +176,7 @@ class Settings:
             job_uid=job_uid,
             job_gid=job_gid,
             job_id_count=job_id_count,
+            backend=backend,
             job_timeout=float(positive_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
             output_limit=positive_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
             lease_seconds=float(positive_int(env, "ORVANTA_LEASE_SECONDS", 30)),

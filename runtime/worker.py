@@ -17,12 +17,14 @@ from dataclasses import replace
 from types import FrameType
 from typing import Protocol
 
-from runtime import cgroups, idmap
+from runtime import idmap
+from runtime.backends import BACKEND_NAMES, backend_class
+from runtime.capabilities import HostCapabilities
 from runtime.executor import Cancellation, JobRunner
 from runtime.jobs import JobResult, JobSpec
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import JOB_ISOLATION_VALUES, Settings
-from runtime.startup import HostCapabilities, probe_host
+from runtime.startup import probe_host
 
 log = logging.getLogger("orvanta.worker")
 
@@ -73,29 +75,10 @@ def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:
             )
     except IsolationUnavailableError as exc:
         log.error("isolation: every job on this worker will fail: %s", exc)
-    if caps.nsjail.ok:
-        log.info("nsjail: available: %s", caps.nsjail.detail)
-        if cgroups.nsjail_cgroup_parent() is None:
-            log.warning(
-                "nsjail: cgroups are not writable here: job memory is limited by "
-                "RLIMIT_AS only and the process count is not limited"
-            )
-    elif not settings.disable_nsjail:
-        log.warning(
-            "nsjail: DISABLE_NSJAIL=false but nsjail is not available (%s); "
-            "falling back down the isolation hierarchy",
-            caps.nsjail.detail,
-        )
-    else:
-        log.info("nsjail: not available: %s", caps.nsjail.detail)
-    if caps.unshare.ok:
-        log.info("unshare: works: %s", caps.unshare.detail)
-    else:
-        log.info(
-            "unshare: does not work with flags %s: %s",
-            " ".join(settings.unshare_flags),
-            caps.unshare.detail,
-        )
+    for name in BACKEND_NAMES:
+        backend = backend_class(name)
+        for level, line in backend.describe(settings, caps.of(name)):
+            log.log(level, "%s", line)
     if idmap.hardened(settings):
         log.info(
             "jobs: under unshare and nsjail a job's root is a host uid and gid of its own "
@@ -282,12 +265,12 @@ class Worker:
         if current.job_isolation != self._active:
             self._active = current.job_isolation
             log.info("job_isolation is now %s", self._active or "unset")
-            if current.force_nsjail and not self.runner.caps.nsjail.ok:
+            if current.force_nsjail and not self.runner.caps.of("nsjail").ok:
                 log.error(
                     "job_isolation=nsjail_sandboxing but nsjail is not available on this "
                     "worker (%s): its jobs fail until nsjail is installed or the setting "
                     "changes",
-                    self.runner.caps.nsjail.detail,
+                    self.runner.caps.of("nsjail").detail,
                 )
         return current
 

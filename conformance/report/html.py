@@ -6,6 +6,8 @@ import json
 from html import escape
 from typing import Any
 
+from conformance.report.model import column_title
+
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#1d232a}
 h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ccd}
@@ -48,7 +50,7 @@ def render(report: dict[str, Any]) -> str:
 
 def _table(report: dict[str, Any]) -> str:
     backends = list(report["table"][0]["backends"]) if report["table"] else []
-    head = "".join(f"<th>{escape(b)}</th>" for b in backends)
+    head = "".join(f"<th>{escape(column_title(report, b))}</th>" for b in backends)
     rows = []
     for row in report["table"]:
         tds = []

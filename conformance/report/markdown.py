@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from conformance.report.model import column_title
+
 ICON = {"match": "✅", "weaker": "❌", "stronger": "🟦", "not measured": "⚪"}
 
 
@@ -59,7 +61,7 @@ def render(report: dict[str, Any]) -> str:
 def table_lines(report: dict[str, Any]) -> list[str]:
     """The page's table with the measured value beside the documented one, per backend."""
     lines = [
-        "| property | " + " | ".join(_backends(report)) + " |",
+        "| property | " + " | ".join(column_title(report, b) for b in _backends(report)) + " |",
         "|---|" + "---|" * len(_backends(report)),
     ]
     for row in report["table"]:

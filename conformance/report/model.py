@@ -18,6 +18,7 @@ import yaml
 
 from conformance.canaries import Canaries
 from conformance.matrix import Matrix
+from runtime.backends import backend_class
 
 SCHEMA_ID = "orvanta-audit/1"
 
@@ -166,6 +167,7 @@ def _table(matrix: Matrix, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     else ("weaker" if measured == "not protected" else "stronger")
                 )
             entry["backends"][backend] = {
+                "on_the_page": backend_class(backend).on_the_page,
                 "documented": documented,
                 "measured": measured,
                 "status": status,
@@ -174,6 +176,12 @@ def _table(matrix: Matrix, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         rows.append(entry)
     return rows
+
+
+def column_title(report: dict[str, Any], backend: str) -> str:
+    """A backend's column heading: its name, marked where it is none of the page's levels."""
+    first = report["table"][0]["backends"][backend] if report["table"] else {}
+    return backend if first.get("on_the_page", True) else f"{backend} (not on the page)"
 
 
 def _coverage(tests: list[TestRecord]) -> list[dict[str, Any]]:

@@ -1,21 +1,32 @@
-"""Isolation backends: one small class each behind the `Backend` protocol.
+"""Isolation backends: one module each, one registry, one small protocol.
 
-A backend only turns "run this script" into the argv that runs it isolated and
-says where the job directory appears inside; the executor does everything
-common to all backends (job dir, environment, fds, timeout, cleanup).
+A backend probes the host for itself, says what the executor must know about it
+(traits, below), turns "run this script" into the argv that runs it isolated,
+and describes itself at start. The executor does everything common to all
+backends (job dir, ids, environment, fds, timeout, cleanup) and never asks for
+a backend by name. Adding one is a module here and a line in REGISTRY.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
+from runtime.capabilities import HostCapabilities, Probe
 from runtime.languages import Language
 from runtime.settings import Settings
-from runtime.startup import HostCapabilities
 
-BACKEND_NAMES = ("none", "unshare", "nsjail")
+# name -> "module:class"; the first three are the page's levels, in its order
+REGISTRY = {
+    "none": "runtime.backends.none:NoIsolation",
+    "unshare": "runtime.backends.unshare:PidNamespace",
+    "nsjail": "runtime.backends.nsjail:Nsjail",
+    "bwrap": "runtime.backends.bwrap:Bubblewrap",
+}
+BACKEND_NAMES = tuple(REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -26,7 +37,7 @@ class PreparedJob:
     control_dir: Path  # beside job_dir, never visible to the job (configs, logs)
     timeout: float
     cgroup_parent: str | None = "orvanta"  # where nsjail makes its cgroups; None: no cgroups
-    # volumes nsjail binds itself, (source, name under /job), where the worker could not
+    # volumes the backend binds itself, (source, name in the job dir), where the worker could not
     volumes: tuple[tuple[str, str], ...] = ()
     # the host uid and gid the job's root maps to, its own while it runs (runtime.idmap);
     # None: the worker may not map ids, and the configured flags apply as written
@@ -36,14 +47,38 @@ class PreparedJob:
 @dataclass(frozen=True)
 class Launch:
     """What the worker spawns: the command and its whole environment. A launcher that runs
-    as root outside the sandbox gets the worker's fixed environment, never the job's."""
+    as root outside the sandbox gets the worker's fixed environment, never the job's.
+    `read_files` are opened for the child, and `{fd0}`, `{fd1}`... in argv become their fd
+    numbers: data a launcher reads from an fd, not from its command line (which every
+    user of the host can read)."""
 
     argv: list[str]
     env: dict[str, str]
+    read_files: tuple[Path, ...] = ()
+
+    def argv_for(self, fds: list[int]) -> list[str]:
+        marks = {f"{{fd{i}}}": str(fd) for i, fd in enumerate(fds)}
+        return [marks.get(arg, arg) for arg in self.argv]
 
 
 class Backend(Protocol):
-    name: str
+    name: ClassVar[str]
+    on_the_page: ClassVar[bool]  # one of the page's three levels; else this runtime's own
+    own_cgroups: ClassVar[bool]  # makes cgroups of its own below the job's (limits, R-TBL-RES)
+    own_mounts: ClassVar[bool]  # mounts in a namespace of its own: may bind a volume by path
+
+    @classmethod
+    def probe(cls, settings: Settings) -> Probe:
+        """Try the mechanism for real, as jobs will use it."""
+
+    @classmethod
+    def describe(cls, settings: Settings, probe: Probe) -> list[tuple[int, str]]:
+        """(log level, line) for the worker's start-up log (R-OPS-1)."""
+
+    def __init__(self, settings: Settings, caps: HostCapabilities) -> None: ...
+
+    def own_ids(self) -> bool:
+        """The job's root is not the host's: it gets unprivileged host ids of its own."""
 
     def inner_dir(self, job: PreparedJob) -> str:
         """Where the job directory appears to the job itself."""
@@ -58,17 +93,26 @@ class UnknownBackendError(ValueError):
         super().__init__(f"unknown isolation backend {name!r}; known: {', '.join(BACKEND_NAMES)}")
 
 
+def backend_class(name: str) -> type[Backend]:
+    try:
+        target = REGISTRY[name]
+    except KeyError:
+        raise UnknownBackendError(name) from None
+    module_name, _, class_name = target.partition(":")
+    cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
 def make_backend(name: str, settings: Settings, caps: HostCapabilities) -> Backend:
-    if name == "none":
-        from runtime.backends.none import NoIsolation
+    return backend_class(name)(settings, caps)
 
-        return NoIsolation(settings)
-    if name == "unshare":
-        from runtime.backends.unshare import PidNamespace
 
-        return PidNamespace(settings, caps)
-    if name == "nsjail":
-        from runtime.backends.nsjail import Nsjail
+def tool_path(name: str, caps: HostCapabilities) -> str:
+    """The path the start-up probe found for backend `name`; an error if it found none."""
+    path = caps.of(name).path
+    if path is None:
+        raise RuntimeError(f"{name} backend chosen but {name} is unusable: {caps.of(name).detail}")
+    return path
 
-        return Nsjail(settings, caps)
-    raise UnknownBackendError(name)
+
+INFO, WARNING = logging.INFO, logging.WARNING

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from runtime.backends import Launch, PreparedJob
+from runtime.capabilities import HostCapabilities, Probe
 from runtime.settings import Settings
 
 
 class NoIsolation:
-    name = "none"
+    name: ClassVar[str] = "none"
+    on_the_page: ClassVar[bool] = True
+    own_cgroups: ClassVar[bool] = False
+    own_mounts: ClassVar[bool] = False
 
-    def __init__(self, settings: Settings) -> None:
+    @classmethod
+    def probe(cls, settings: Settings) -> Probe:
+        return Probe("builtin", "always available")
+
+    @classmethod
+    def describe(cls, settings: Settings, probe: Probe) -> list[tuple[int, str]]:
+        return []  # the isolation line says it, with its warning
+
+    def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
         self.settings = settings
+
+    def own_ids(self) -> bool:
+        return False
 
     def inner_dir(self, job: PreparedJob) -> str:
         return str(job.job_dir)

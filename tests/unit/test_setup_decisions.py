@@ -27,6 +27,7 @@ PACKAGES = {
     "psutil": "python3-psutil",
     "pyroute2": "python3-pyroute2",
     "venv": "python3-venv",
+    "bwrap": "bubblewrap",
     "debootstrap": "debootstrap",
     "postgresql": "postgresql",
     "browser": "chromium",
@@ -86,7 +87,7 @@ class World:
 
     def present(self) -> None:
         """Everything but the engine, the browser and the platform tools."""
-        self.tools("unshare", "tini", "ps", "ip", "debootstrap", "pg_ctlcluster")
+        self.tools("unshare", "tini", "ps", "ip", "bwrap", "debootstrap", "pg_ctlcluster")
         self.python("psutil", "pyroute2", "ensurepip, venv")
 
     def decide(self) -> dict[str, tuple[str, str]]:

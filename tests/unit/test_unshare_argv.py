@@ -13,18 +13,22 @@ import pytest
 
 from runtime.backends import PreparedJob, make_backend
 from runtime.backends.unshare import ENV, PidNamespace, UnshareFlagError, hardened_flags
+from runtime.capabilities import HostCapabilities, Probe
 from runtime.languages import language
 from runtime.settings import Settings
-from runtime.startup import HostCapabilities, Probe
 
 JOB_DIR = Path("/var/lib/orvanta/jobs/0123456789abcdef/job")
 
 
 def host(tini: bool = True, unshare: bool = True) -> HostCapabilities:
     return HostCapabilities(
-        nsjail=Probe(None, "nsjail binary not found"),
-        unshare=Probe("/usr/bin/unshare", "ok") if unshare else Probe(None, "unshare failed"),
-        tini=Probe("/usr/bin/tini", "ok") if tini else Probe(None, "tini not found"),
+        {
+            "nsjail": Probe(None, "nsjail binary not found"),
+            "unshare": Probe("/usr/bin/unshare", "ok")
+            if unshare
+            else Probe(None, "unshare failed"),
+        },
+        Probe("/usr/bin/tini", "ok") if tini else Probe(None, "tini not found"),
     )
 
 
