@@ -10,6 +10,7 @@ found outside its cgroup is reported, R-HOST-5) and its directory is removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -37,6 +38,7 @@ log = logging.getLogger("orvanta.executor")
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
+EXIT_POLL = 0.02  # seconds between exit checks where the kernel offers no pidfd
 ENV_NAME = re.compile(ENV_NAME_PATTERN)
 
 
@@ -384,11 +386,13 @@ def _collect(
     out, err = _Capped(limit), _Capped(limit)
     streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
     deadline = time.monotonic() + timeout
-    pidfd = os.pidfd_open(proc.pid)
+    pidfd = _pidfd(proc.pid)
     try:
         with selectors.DefaultSelector() as sel:
-            for fd in (*streams, pidfd):
+            for fd in streams:
                 sel.register(fd, selectors.EVENT_READ)
+            if pidfd is not None:
+                sel.register(pidfd, selectors.EVENT_READ)
             if cancel is not None:
                 sel.register(cancel.fileno(), selectors.EVENT_READ)
             waited_on = len(sel.get_map()) - len(streams)
@@ -400,6 +404,11 @@ def _collect(
                 if exited_at is not None and now - exited_at > EXIT_GRACE:
                     break
                 wait = deadline - now if exited_at is None else EXIT_GRACE
+                if pidfd is None and exited_at is None:
+                    if proc.poll() is not None:  # no pidfd (gVisor): asked, at most every 20 ms
+                        exited_at = now
+                        continue
+                    wait = min(wait, EXIT_POLL)
                 for key, _ in sel.select(wait):
                     if cancel is not None and key.fd == cancel.fileno():
                         return out, err, True
@@ -414,8 +423,20 @@ def _collect(
                     else:
                         sel.unregister(key.fd)
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     return out, err, False
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd on the job's main process, or None where the kernel has none (gVisor's
+    runsc answers ENOSYS): the exit is then polled."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EPERM):
+            raise
+        return None
 
 
 def _kill_job(

@@ -146,7 +146,9 @@ class Bubblewrap:
             args.unlink()
             try:
                 argv = [*launcher(settings, path, owner if hardened else None), "--args", str(fd)]
-                argv += ["--", "/bin/sh", "-c", f"echo ok > {INNER_DIR}/probe"]
+                # --as-pid-1: no init of bwrap's own, which outlives the outer bwrap as a zombie
+                # of the host's PID 1 (jobs keep it: the worker, their subreaper, reaps it)
+                argv += ["--as-pid-1", "--", "/bin/sh", "-c", f"echo ok > {INNER_DIR}/probe"]
                 ok, output = run_probe(argv, idmap.launcher_env(settings), pass_fds=(fd,))
             finally:
                 os.close(fd)

@@ -273,3 +273,22 @@ def test_the_workers_state_is_its_own(tmp_path: Path) -> None:
         "queue.sqlite3-wal": 0o600,
         "queue.sqlite3-shm": 0o600,
     }
+
+
+@pytest.mark.req("R-JOB-3", "R-PLT-7")
+def test_a_kernel_without_pidfd_still_ends_jobs_on_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gVisor's runsc answers pidfd_open with ENOSYS: the worker then polls the job's exit,
+    and output, exit code and the deadline stay what they are with a pidfd."""
+    import errno as errno_
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno_.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    r = runner(tmp_path, "none")
+    done = run(r, "echo out; echo err >&2; exit 3\n", "nopidfd1")
+    assert (done.exit_code, done.stdout, done.stderr) == (3, "out\n", "err\n"), done
+    slow = r.run(JobSpec("nopidfd2", "bash", "sleep 30\n", {}, 1))
+    assert slow.status == "timeout" and slow.duration < 5, slow
