@@ -14,7 +14,9 @@ from the request and recorded in the platform's facts.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -56,6 +58,7 @@ class DockerOptions:
     security_opt: tuple[str, ...] = ()  # as `docker run --security-opt`
     mem_limit: str = "1g"  # also the memory+swap limit
     pids_limit: int = 512
+    runtime: str = ""  # as `docker run --runtime` (runsc: gVisor); empty: the engine's default
 
     def __post_init__(self) -> None:
         for key in ("cap_add", "cap_drop"):
@@ -73,6 +76,10 @@ class DockerOptions:
             raise SpecError("mem_limit", f"{self.mem_limit!r}: write a size like 256m or 1g")
         if self.pids_limit < 1:
             raise SpecError("pids_limit", f"{self.pids_limit}: a worker needs at least 1 process")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*|", self.runtime):
+            raise SpecError(
+                "runtime", f"{self.runtime!r}: name a runtime of `docker info`, like runsc"
+            )
 
 
 def host_capabilities() -> set[str]:
@@ -95,6 +102,7 @@ class DockerPlatform:
         self.cap_add = sorted(wanted & granted - ENGINE_UNKNOWN)
         self.client = docker.from_env()
         self.container_id: str | None = None
+        self._kernel: dict[str, str] | None = None
 
     # -- the run: no container of this session outlives it ----------------------------------
     @classmethod
@@ -118,6 +126,11 @@ class DockerPlatform:
         """Create and start the container; on any failure nothing is left behind."""
         api = self.client.api
         opts = self.spec.options
+        if opts.runtime and opts.runtime not in runtimes():
+            raise RuntimeError(
+                f"platform {self.spec.name}: runtime {opts.runtime!r} is not registered with "
+                f"the Docker engine (it has {', '.join(sorted(runtimes()))}): run scripts/setup"
+            )
         security = [o for o in opts.security_opt if o != "systempaths=unconfined"]
         host_config = api.create_host_config(
             network_mode="none",
@@ -128,6 +141,7 @@ class DockerPlatform:
             cap_drop=list(opts.cap_drop) or None,
             security_opt=security or None,
             binds={str(root): {"bind": str(root), "mode": "rw"}},
+            runtime=opts.runtime or None,
         )
         if "systempaths=unconfined" in opts.security_opt:
             host_config["MaskedPaths"] = []
@@ -186,6 +200,8 @@ class DockerPlatform:
 
     def cleanup(self, token: str) -> list[str]:
         """Inside the container, /tmp, /dev/shm and IPC go with it; processes by marker."""
+        if self.spec.options.runtime:  # a sandbox's processes are not the host's
+            return [f"process {line}" for line in self._inside(token, kill=True)]
         return kill_marked(token)
 
     def stop_workers(self) -> None:
@@ -196,11 +212,26 @@ class DockerPlatform:
         )
 
     def survivors(self, marker: str) -> list[str]:
+        if self.spec.options.runtime:  # gVisor: the jobs run in its kernel, not the host's
+            return self._inside(marker)
         return survivors(marker)  # the container's processes are visible from the host
+
+    @property
+    def kernel(self) -> dict[str, str]:
+        """Which kernel the cell's jobs ran on: the host's, or a sandbox's own (gVisor)."""
+        if self._kernel is None and self.container_id is not None:
+            self._kernel = kernel_facts([docker_cli(), "exec", self.id], self.spec.options.runtime)
+        return self._kernel or {}
+
+    def _inside(self, marker: str, kill: bool = False) -> list[str]:
+        """`pid: command line` of the container's processes whose argv holds marker, as its
+        own ps sees them (SIGKILLed first when kill)."""
+        return marked_inside([docker_cli(), "exec", self.id], marker, kill)
 
     def facts(self) -> dict[str, Any]:
         return {
             **self.spec.facts(),
+            **self.kernel,
             "image": worker_image(),
             "capabilities_added": self.cap_add,
             "capabilities_not_granted": self.not_granted,
@@ -211,6 +242,55 @@ class DockerPlatform:
             self.client.api.remove_container(self.container_id, force=True)
             self.container_id = None
         self.client.close()
+
+
+def kernel_facts(exec_prefix: list[str], runtime: str) -> dict[str, str]:
+    """`kernel`: what `uname -r` says inside the container, and whose kernel that is."""
+    inside = subprocess.run(
+        [*exec_prefix, "uname", "-r"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    host = platform.release()
+    if inside == host:
+        whose = "the host's"
+    elif runtime == "runsc":
+        version = subprocess.run(
+            ["runsc", "--version"], capture_output=True, text=True, check=False
+        ).stdout.split("\n")[0]
+        whose = f"gVisor's Sentry, a user-space kernel: {version or 'runsc'}"
+    else:
+        whose = f"not the host's: runtime {runtime or 'default'}"
+    return {"kernel": f"{inside or 'unknown'} ({whose})", "host_kernel": host}
+
+
+def marked_inside(exec_prefix: list[str], marker: str, kill: bool) -> list[str]:
+    """`pid: command line` of processes whose argv holds marker, as `ps` in the container
+    lists them (SIGKILLed first when kill). For sandboxes whose processes the host cannot see."""
+    listing = subprocess.run(
+        [*exec_prefix, "ps", "-eo", "pid=,args="], capture_output=True, text=True, check=False
+    ).stdout
+    found = []
+    for line in listing.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if marker in args:
+            found.append(f"{pid}: {args}")
+    if kill and found:
+        pids = [entry.partition(":")[0] for entry in found]
+        subprocess.run([*exec_prefix, "kill", "-KILL", *pids], capture_output=True, check=False)
+    return found
+
+
+def runtimes() -> set[str]:
+    """The runtimes the engine has registered (runc, runsc...)."""
+    info = subprocess.run(
+        ["docker", "info", "--format", "{{json .Runtimes}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return set(json.loads(info.stdout or "{}"))
+    except ValueError:
+        return set()
 
 
 def docker_cli() -> str:

@@ -28,6 +28,13 @@ def test_the_matrix_platforms_load_as_typed_specs() -> None:
     assert (agent.driver, agent.mode, agent.server) == ("docker", "agent", "unix")
     assert platforms["docker-privileged-256m"].options.mem_limit == "256m"
     assert platforms["docker-nsjail-minimal-caps"].options.cap_drop == ("ALL",)
+    assert platforms["docker-gvisor"].options.runtime == "runsc"
+    assert platforms["docker-privileged"].options.runtime == ""
+    assert (platforms["podman-rootless"].driver, platforms["podman-rootless"].options.rootless) == (
+        "podman",
+        True,
+    )
+    assert platforms["podman-rootful"].options.rootless is False
 
 
 @pytest.mark.parametrize(
@@ -39,8 +46,11 @@ def test_the_matrix_platforms_load_as_typed_specs() -> None:
         ("docker-x", {"driver": "docker", "mem_limit": "1 gig"}, "mem_limit", "like 256m"),
         ("docker-x", {"driver": "docker", "pids_limit": "many"}, "pids_limit", "whole number"),
         ("docker-x", {"driver": "docker", "security_opt": ["secomp=x"]}, "security_opt", "seccomp"),
-        ("docker-x", {"driver": "dokker"}, "driver", "name one of: docker, host"),
-        ("podman", {}, "driver", "a platform's name is its driver"),
+        ("docker-x", {"driver": "dokker"}, "driver", "name one of: docker, host, podman"),
+        ("gvisor", {}, "driver", "a platform's name is its driver"),
+        ("docker-x", {"driver": "docker", "runtime": "run sc"}, "runtime", "like runsc"),
+        ("podman-x", {"driver": "podman", "rootless": "yes"}, "rootless", "true or false"),
+        ("podman-x", {"driver": "podman", "runtime": "runsc"}, "runtime", "not a key of podman"),
         ("host-x", {"driver": "host", "userns_off": "yes"}, "userns_off", "true or false"),
         ("host-x", {"driver": "host", "cap_add": ["ALL"]}, "cap_add", "not a key of host"),
         ("host-x", {"driver": "host", "mode": "agnet"}, "mode", "'worker', 'agent'"),

@@ -34,7 +34,9 @@ PACKAGES = {
     "engine": "docker.io",
 }
 PLATFORM_PACKAGES = ("user-mode-linux", "podman", "runsc")
-LINE = re.compile(r"^\[setup\] ([\w-]+): (ok|apt|start|named|not needed|note)\b ?(.*)$")
+LINE = re.compile(
+    r"^\[setup\] ([\w-]+): (ok|apt|start|named|not needed|note|register|create)\b ?(.*)$"
+)
 
 
 class World:
@@ -91,7 +93,12 @@ class World:
         self.python("psutil", "pyroute2", "ensurepip, venv")
 
     def decide(self) -> dict[str, tuple[str, str]]:
-        env = {"PATH": str(self.bin), "ORVANTA_PYTHON": str(self.job_python), "LANG": "C"}
+        env = {
+            "PATH": str(self.bin),
+            "ORVANTA_PYTHON": str(self.job_python),
+            "LANG": "C",
+            "ORVANTA_PODMAN_USER": "orvanta-podman-absent",  # whatever this machine has
+        }
         out = subprocess.run(
             ["/bin/bash", str(self.repo / "scripts" / "setup"), "--dry-run"],
             env=env,
@@ -184,9 +191,11 @@ def test_snap_shim_is_neither_a_browser_nor_a_package_to_install(world: World) -
 
 def test_platform_tools_are_not_needed_until_the_matrix_has_their_platforms(world: World) -> None:
     world.debian()
+    (world.repo / "matrix.yaml").write_text("platforms:\n  host:\n    description: x\ncells: []\n")
     d = world.decide()
     for group in ("uml", "gvisor", "podman"):
         assert d[group] == ("not needed", f"(no {group} platform in matrix.yaml)")
+    assert "runsc-runtime" not in d and "rootless-user" not in d
 
 
 def test_platform_tools_follow_the_matrix(world: World) -> None:
@@ -204,6 +213,25 @@ def test_platform_tools_follow_the_matrix(world: World) -> None:
     assert d["uml"] == ("apt", "user-mode-linux")
     assert d["podman"] == ("apt", "podman")
     assert d["runsc"][0] == "named" and "docker-gvisor" in d["runsc"][1]
+    assert d["runsc-runtime"][0] == "register" and "never a restart" in d["runsc-runtime"][1]
+    assert d["rootless-user"] == (
+        "create",
+        "(orvanta-podman-absent, 65536 subordinate ids from 3000000000)",
+    )
+
+
+def test_runsc_registered_with_the_engine_is_left_alone(world: World) -> None:
+    world.debian()
+    world.present()
+    world.tools("runsc", "podman", "newuidmap")
+    runtimes = '{"runc":{"path":"runc"},"runsc":{"path":"/usr/bin/runsc"}}'
+    world.stub(
+        "docker", f'[ "$1" = info ] || exit 1; [ "$2" = --format ] && echo \'{runtimes}\'; exit 0'
+    )
+    d = world.decide()
+    assert d["runsc"] == ("ok", "")
+    assert d["runsc-runtime"] == ("ok", "(registered with the engine)")
+    assert d["podman"] == ("ok", "") and d["newuidmap"] == ("ok", "")
 
 
 def test_apparmor_userns_restriction_is_noted(world: World) -> None:
@@ -232,8 +260,11 @@ def test_ci_groups_of_today_and_to_come() -> None:
     tox = (ROOT / "tox.ini").read_text()
     for group in ("host", "privileged", "unprivileged"):
         assert f"--platform={platforms(group).stdout.strip()} " in tox, group
-    for group in ("uml", "gvisor", "podman"):
-        assert platforms(group).stdout == "\n", group  # none in matrix.yaml yet
+    assert platforms("uml").stdout == "\n"  # none in matrix.yaml yet
+    assert platforms("gvisor").stdout.strip() == "docker-gvisor"
+    assert platforms("podman").stdout.strip() == "podman-rootful,podman-rootless"
+    for group in ("gvisor", "podman"):
+        assert f"--platform={platforms(group).stdout.strip()} " in tox, group
 
 
 def test_unknown_ci_group_is_refused_by_name(tmp_path: Path) -> None:
