@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from conformance import bench_queue
 from runtime import idmap
 from runtime.backends.nsjail import render_config
 from runtime.backends.unshare import launch_flags
@@ -47,14 +48,22 @@ def register(sub: Any) -> None:
     bench.add_argument("--throughput-jobs", type=int, default=100)
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
     bench.add_argument("--markdown", action="store_true", help="print the README table")
+    bench_queue.add_arguments(bench)
     bench.set_defaults(func=bench_command)
 
 
-def bench_command(args: argparse.Namespace, _settings: object) -> int:
-    backends = list(BACKEND_ENV) if args.backend == "all" else [args.backend]
-    results: dict[str, Any] = {
+def bench_command(args: argparse.Namespace, settings: Settings) -> int:
+    header = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.release()}",
+    }
+    if args.queue:
+        postgres = bench_queue.postgres_url(settings.database_url)
+        results = {**header, **bench_queue.run(args, postgres)}
+        return _emit(results, args, bench_queue.markdown)
+    backends = list(BACKEND_ENV) if args.backend == "all" else [args.backend]
+    results = {
+        **header,
         "runs": args.runs,
         "per_job": [],
         "throughput": [],
@@ -79,9 +88,15 @@ def bench_command(args: argparse.Namespace, _settings: object) -> int:
             f"{backend:8} throughput {row['worker_jobs_per_s']:6.1f} jobs/s, raw ceiling "
             f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})"
         )
+    return _emit(results, args, markdown)
+
+
+def _emit(
+    results: dict[str, Any], args: argparse.Namespace, table: Callable[[dict[str, Any]], str]
+) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results) if args.markdown else json.dumps(results, indent=2))
+    print(table(results) if args.markdown else json.dumps(results, indent=2))
     return 0
 
 

@@ -8,12 +8,14 @@ database, makes its tables and puts the stores together.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from runtime.database import Database, SqliteDatabase, connect
 from runtime.jobs import QueuedJob
-from runtime.store import groups, instance_settings, jobs, workers
+from runtime.settings import job_retention
+from runtime.store import groups, instance_settings, schema, workers
 from runtime.store.claims import ClaimStore
 from runtime.store.errors import JobNotFound
 from runtime.store.groups import GroupStore
@@ -25,9 +27,9 @@ from runtime.store.workers import WorkerRegistry
 def create_tables(db: Database) -> None:
     """Every table, brought up to date in one transaction that concurrent openers wait for."""
     with db.schema_transaction():
-        for schema in (jobs.SCHEMA, groups.SCHEMA, workers.SCHEMA, instance_settings.SCHEMA):
-            db.script(schema)
-        jobs.upgrade(db)
+        schema.upgrade(db)
+        for tables in (groups.SCHEMA, workers.SCHEMA, instance_settings.SCHEMA):
+            db.script(tables)
 
 
 class JobQueue(JobStore, ClaimStore, WorkerRegistry, GroupStore, InstanceSettings):
@@ -37,19 +39,21 @@ class JobQueue(JobStore, ClaimStore, WorkerRegistry, GroupStore, InstanceSetting
     The stores' method names are disjoint (a unit test checks), so none hides another.
     """
 
-    def __init__(self, db: Database) -> None:
-        super().__init__(db)
+    def __init__(self, db: Database, retention: float | None = None) -> None:
+        """`retention`: seconds finished jobs are kept; ORVANTA_JOB_RETENTION_SECONDS (checked
+        with the other settings at start-up) when not given, for every opener alike."""
+        super().__init__(db, job_retention(os.environ) if retention is None else retention)
         self.path = db.display
         create_tables(db)
 
     @classmethod
-    def open(cls, url: str | None, state_dir: Path) -> JobQueue:
+    def open(cls, url: str | None, state_dir: Path, retention: float | None = None) -> JobQueue:
         """The queue DATABASE_URL names; without one, the SQLite file in the state dir."""
-        return cls(connect(url, state_dir))
+        return cls(connect(url, state_dir), retention)
 
     @classmethod
-    def in_state_dir(cls, state_dir: Path) -> JobQueue:
-        return cls(SqliteDatabase(state_dir / "queue.sqlite3"))
+    def in_state_dir(cls, state_dir: Path, retention: float | None = None) -> JobQueue:
+        return cls(SqliteDatabase(state_dir / "queue.sqlite3"), retention)
 
     def close(self) -> None:
         self.db.close()

@@ -17,6 +17,7 @@ DEFAULT_UNSHARE_FLAGS = ("--user", "--map-root-user", "--pid", "--fork", "--moun
 JOB_ISOLATION_VALUES = ("none", "nsjail_sandboxing")
 NSJAIL_NETWORK_VALUES = ("isolated", "shared")
 MODE_VALUES = ("worker", "agent")
+DEFAULT_JOB_RETENTION = 30 * 86400.0  # seconds a finished job stays readable
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -68,6 +69,7 @@ class Settings:
     job_timeout: float = 300.0
     output_limit: int = 1 << 20
     lease_seconds: float = 30.0
+    job_retention: float = DEFAULT_JOB_RETENTION
     limits: JobLimits = field(default_factory=JobLimits)
     backend: str | None = None  # ORVANTA_BACKEND: one backend for every job, past the hierarchy
     mode: str = "worker"  # worker: the queue database; agent: the server's API only (R-AGT-1)
@@ -180,8 +182,16 @@ class Settings:
             job_timeout=float(positive_int(env, "ORVANTA_JOB_TIMEOUT", 300)),
             output_limit=positive_int(env, "ORVANTA_OUTPUT_LIMIT", 1 << 20),
             lease_seconds=float(positive_int(env, "ORVANTA_LEASE_SECONDS", 30)),
+            job_retention=job_retention(env),
             limits=limits,
         )
+
+
+def job_retention(env: Mapping[str, str]) -> float:
+    """ORVANTA_JOB_RETENTION_SECONDS: how long a finished job (result, log) is kept."""
+    return float(
+        positive_int(env, "ORVANTA_JOB_RETENTION_SECONDS", int(DEFAULT_JOB_RETENTION), "seconds")
+    )
 
 
 def _check_agent(database_url: str | None, server_url: str | None, token: str | None) -> None:

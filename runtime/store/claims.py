@@ -4,6 +4,11 @@ A claimed job carries a lease that its worker renews while the job runs; a
 worker killed mid-job stops renewing, the lease runs out and the next claim
 takes the job again, so a killed worker loses no job. A result is recorded
 once, by the worker holding the lease, so no job has two results.
+
+A claim's cost does not grow with the backlog or the history: it looks up each of its
+tags' oldest queued job on the partial index of queued jobs, and a lapsed lease on the
+partial index of running jobs, then takes the oldest of those few rows; finished jobs
+are in another table (runtime.store.schema).
 """
 
 from __future__ import annotations
@@ -13,8 +18,36 @@ import time
 
 from runtime.jobs import DEFAULT_TAG, JobResult, JobSpec
 from runtime.store import Store
+from runtime.store.finished import by_id
+from runtime.store.schema import HOT
 
 MAX_ATTEMPTS = 5  # a job whose workers died (or could not report) this often fails for good
+
+
+def claim_query(tag_count: int, skip_locked: str) -> str:
+    """The claim: one UPDATE of the oldest of at most tag_count + 1 candidates, each found
+    through its own index, so no step sorts or scans the backlog.
+
+    Parameters: worker, group, lease end, now (lapsed leases), the tags (for the lapsed
+    lease), the tags again (one queued head each). A lapsed lease goes first: its job
+    was claimed before any queued one.
+    """
+    marks = ",".join("?" * tag_count)
+    lapsed = (
+        f"SELECT id, 0 AS queued, created FROM (SELECT id, created FROM {HOT} "
+        f"WHERE status='running' AND lease_until < ? AND tag IN ({marks}) "
+        f"ORDER BY lease_until LIMIT 1{skip_locked}) AS lapsed"
+    )
+    heads = " UNION ALL ".join(
+        f"SELECT id, 1, created FROM (SELECT id, created FROM {HOT} "
+        f"WHERE status='queued' AND tag=? ORDER BY created LIMIT 1{skip_locked}) AS head{n}"
+        for n in range(tag_count)
+    )
+    return f"""UPDATE {HOT} SET status='running', worker=?, worker_group=?,
+                   attempts=attempts+1, lease_until=?
+               WHERE id = (SELECT id FROM ({lapsed} UNION ALL {heads}) AS candidates
+                           ORDER BY queued, created LIMIT 1)
+               RETURNING id, language, script, env, timeout, workspace, attempts"""
 
 
 class ClaimStore(Store):
@@ -26,21 +59,13 @@ class ClaimStore(Store):
         group: str | None = None,
     ) -> JobSpec | None:
         """Take the oldest queued job of these tags, or one whose worker's lease ran out."""
+        tags = tuple(dict.fromkeys(tags))
         if not tags:
             return None
-        marks = ",".join("?" * len(tags))
+        sql = claim_query(len(tags), self.db.skip_locked)
         while True:
             now = time.time()
-            rows = self.db.query(
-                f"""UPDATE jobs SET status='running', worker=?, worker_group=?,
-                       attempts=attempts+1, lease_until=?
-                   WHERE id = (SELECT id FROM jobs
-                               WHERE (status='queued' OR (status='running' AND lease_until < ?))
-                                 AND tag IN ({marks})
-                               ORDER BY created LIMIT 1{self.db.skip_locked})
-                   RETURNING id, language, script, env, timeout, workspace, attempts""",
-                (worker, group, now + lease, now, *tags),
-            )
+            rows = self.db.query(sql, (worker, group, now + lease, now, *tags, *tags))
             if not rows:
                 return None
             job_id, language, script, env, timeout, workspace, attempts = rows[0]
@@ -55,25 +80,25 @@ class ClaimStore(Store):
     def renew(self, job_id: str, worker: str, lease: float) -> bool:
         """Extend the lease; False when the job is no longer this worker's."""
         changed = self.db.execute(
-            "UPDATE jobs SET lease_until=? WHERE id=? AND worker=? AND status='running'",
+            f"UPDATE {HOT} SET lease_until=? WHERE id=? AND worker=? AND status='running'",
             (time.time() + lease, job_id, worker),
         )
         return changed == 1
 
     def cancel_requested(self, job_id: str) -> bool:
-        rows = self.db.query("SELECT cancel FROM jobs WHERE id=?", (job_id,))
+        rows = self.db.query(by_id("cancel"), (job_id, job_id))
         return bool(rows and rows[0][0])
 
     def held_by_group(self, job_id: str, group: str) -> bool:
         """Whether a worker of this group holds (or held) the job: all an agent may ask about."""
-        rows = self.db.query("SELECT worker_group FROM jobs WHERE id=?", (job_id,))
+        rows = self.db.query(by_id("worker_group"), (job_id, job_id))
         return bool(rows) and rows[0][0] == group
 
     def complete(self, result: JobResult, worker: str) -> bool:
         """Record the result once; False when another worker took the job over meanwhile."""
-        changed = self.db.execute(
-            """UPDATE jobs SET status='done', finished=?, result=?
-               WHERE id=? AND worker=? AND status='running'""",
+        return self._finish(
+            f"""UPDATE {HOT} SET status='done', finished=?, result=?
+                WHERE id=? AND worker=? AND status='running'""",
             (time.time(), json.dumps(result.to_dict()), result.job_id, worker),
+            result.job_id,
         )
-        return changed == 1

@@ -1,4 +1,4 @@
-"""Jobs as admins see them: submitted, listed, read and canceled (the jobs table)."""
+"""Jobs as admins see them: submitted, listed, read and canceled, in either job table."""
 
 from __future__ import annotations
 
@@ -7,51 +7,16 @@ import time
 import uuid
 from typing import Any
 
-from runtime.database import Database
 from runtime.jobs import DEFAULT_TAG, DEFAULT_WORKSPACE, JobResult, QueuedJob
 from runtime.store import Store
 from runtime.store.errors import JobNotFound, check_name
+from runtime.store.finished import by_id
+from runtime.store.schema import FINISHED, HOT
 from runtime.submission import validate_job
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id           TEXT PRIMARY KEY,
-    language     TEXT NOT NULL,
-    script       TEXT NOT NULL,
-    env          TEXT NOT NULL DEFAULT '{}',
-    timeout      DOUBLE PRECISION,
-    tag          TEXT NOT NULL DEFAULT 'default',
-    workspace    TEXT NOT NULL DEFAULT 'default',
-    status       TEXT NOT NULL DEFAULT 'queued',
-    worker       TEXT,
-    worker_group TEXT,
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    lease_until  DOUBLE PRECISION,
-    cancel       INTEGER NOT NULL DEFAULT 0,
-    created      DOUBLE PRECISION NOT NULL,
-    finished     DOUBLE PRECISION,
-    result       TEXT
-)
-"""
-INDEXES = "CREATE INDEX IF NOT EXISTS jobs_by_tag ON jobs (status, tag, created)"
-# Columns added since the first release: a queue file of an older worker gains them in place.
-ADDED_COLUMNS = {
-    "tag": "TEXT NOT NULL DEFAULT 'default'",
-    "workspace": "TEXT NOT NULL DEFAULT 'default'",
-    "worker_group": "TEXT",
-}
 JOB_COLUMNS = (
     "id, status, attempts, result, tag, workspace, worker, worker_group, created, finished"
 )
-
-
-def upgrade(db: Database) -> None:
-    """Bring a jobs table of any release up to date; run inside `db.schema_transaction()`."""
-    have = db.columns("jobs")
-    for column, kind in ADDED_COLUMNS.items():
-        if column not in have:
-            db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-    db.execute(INDEXES)
 
 
 def queued_job(row: tuple[Any, ...]) -> QueuedJob:
@@ -76,14 +41,14 @@ class JobStore(Store):
         check_name("workspace", workspace)
         job_id = uuid.uuid4().hex[:16]
         self.db.execute(
-            "INSERT INTO jobs (id, language, script, env, timeout, tag, workspace, created) "
+            f"INSERT INTO {HOT} (id, language, script, env, timeout, tag, workspace, created) "
             "VALUES (?,?,?,?,?,?,?,?)",
             (job_id, language, script, json.dumps(env or {}), timeout, tag, workspace, time.time()),
         )
         return job_id
 
     def get(self, job_id: str) -> QueuedJob | None:
-        rows = self.db.query(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,))
+        rows = self.db.query(by_id(JOB_COLUMNS), (job_id, job_id))
         return queued_job(rows[0]) if rows else None
 
     def job(self, job_id: str) -> QueuedJob:
@@ -94,16 +59,28 @@ class JobStore(Store):
         return job
 
     def jobs(self, status: str | None = None, limit: int = 100) -> list[QueuedJob]:
-        """The newest jobs (of one status), in one query."""
+        """The newest jobs (of one status), in one query: the newest of each table, merged."""
         where, params = ("WHERE status=?", [status]) if status else ("", [])
+        tables = (HOT, FINISHED) if status in (None, "done") else (HOT,)
+        newest = " UNION ALL ".join(
+            f"SELECT * FROM (SELECT {JOB_COLUMNS} FROM {table} {where} "
+            f"ORDER BY created DESC LIMIT ?) AS newest_{table}"
+            for table in tables
+        )
         rows = self.db.query(
-            f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created DESC LIMIT ?",
-            (*params, limit),
+            f"SELECT * FROM ({newest}) AS newest ORDER BY created DESC LIMIT ?",
+            (*[p for _ in tables for p in (*params, limit)], limit),
         )
         return [queued_job(row) for row in rows]
 
     def counts(self) -> dict[str, Any]:
-        return dict(self.db.query("SELECT status, count(*) FROM jobs GROUP BY status"))
+        counts: dict[str, Any] = dict(
+            self.db.query(f"SELECT status, count(*) FROM {HOT} GROUP BY status")
+        )
+        ((done,),) = self.db.query(f"SELECT count(*) FROM {FINISHED}")
+        if done:
+            counts["done"] = counts.get("done", 0) + done
+        return counts
 
     def cancel(self, job_id: str) -> str:
         """Ask for a job to stop: a queued one never runs, a running one is killed by its worker.
@@ -112,12 +89,13 @@ class JobStore(Store):
         turns "never runs" into "killed while running", never into a lost result.
         """
         result = JobResult(job_id, "none", "canceled", None, 0.0, "", "", ["canceled"])
-        if self.db.execute(
-            "UPDATE jobs SET status='done', finished=?, result=? WHERE id=? AND status='queued'",
+        if self._finish(
+            f"UPDATE {HOT} SET status='done', finished=?, result=? WHERE id=? AND status='queued'",
             (time.time(), json.dumps(result.to_dict()), job_id),
+            job_id,
         ):
             return "canceled before it ran"
-        if self.db.execute("UPDATE jobs SET cancel=1 WHERE id=? AND status='running'", (job_id,)):
+        if self.db.execute(f"UPDATE {HOT} SET cancel=1 WHERE id=? AND status='running'", (job_id,)):
             return "cancel requested"
         self.job(job_id)  # JobNotFound, or the job exists and is done
         return "already done"

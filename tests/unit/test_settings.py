@@ -57,6 +57,7 @@ def test_every_variable_is_parsed() -> None:
             "ORVANTA_JOB_TIMEOUT": "42",
             "ORVANTA_OUTPUT_LIMIT": "4096",
             "ORVANTA_LEASE_SECONDS": "7",
+            "ORVANTA_JOB_RETENTION_SECONDS": "3600",
             "ORVANTA_JOB_MEMORY_MB": "300",
             "ORVANTA_JOB_PIDS": "33",
             "ORVANTA_JOB_CPU_SECONDS": "9",
@@ -77,6 +78,7 @@ def test_every_variable_is_parsed() -> None:
     assert s.job_timeout == 42.0
     assert s.output_limit == 4096
     assert s.lease_seconds == 7.0
+    assert s.job_retention == 3600.0
     assert s.limits.memory_mb == 300
     assert s.limits.pids == 33
     assert s.limits.cpu_seconds == 9
@@ -217,6 +219,7 @@ def test_flags_are_split_on_whitespace(raw: str, expected: tuple[str, ...]) -> N
         "ORVANTA_JOB_TIMEOUT",
         "ORVANTA_OUTPUT_LIMIT",
         "ORVANTA_LEASE_SECONDS",
+        "ORVANTA_JOB_RETENTION_SECONDS",
         "ORVANTA_JOB_MEMORY_MB",
         "ORVANTA_JOB_PIDS",
         "ORVANTA_JOB_CPU_SECONDS",

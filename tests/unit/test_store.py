@@ -1,22 +1,23 @@
 """The queue's stores on both databases: typed refusals, the schema, what the facade joins.
 
-PostgreSQL runs where the machine has it (ORVANTA_TEST_POSTGRES_URL or
-.venv/postgres.url, as for tests/service) and is skipped with the reason otherwise.
+Each test runs on both databases (the `queue` and `database_url` fixtures, conftest.py).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
 
-from conformance.service import ROOT, postgres_unavailable, scratch_postgres
+from conformance.service import ROOT
 from runtime.database import Database, DuplicateKeyError, connect
+from runtime.jobs import JobResult
 from runtime.queue import JobQueue
 from runtime.store.claims import ClaimStore
 from runtime.store.errors import (
@@ -32,27 +33,6 @@ from runtime.store.jobs import JobStore
 from runtime.store.workers import WorkerRegistry
 
 STORES = (JobStore, ClaimStore, WorkerRegistry, GroupStore, InstanceSettings)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/queue.sqlite3"
-        return
-    why = postgres_unavailable()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the PostgreSQL half (run scripts/setup): {why}")
-        pytest.skip(why)
-    with scratch_postgres() as url:
-        yield url
-
-
-@pytest.fixture
-def queue(database_url: str, tmp_path: Path) -> Iterator[JobQueue]:
-    q = JobQueue.open(database_url, tmp_path)
-    yield q
-    q.close()
 
 
 def test_missing_jobs_and_groups_are_not_found(queue: JobQueue) -> None:
@@ -95,9 +75,11 @@ def test_both_databases_report_a_duplicate_key_alike(queue: JobQueue) -> None:
     assert {"id", "tag", "workspace", "worker_group", "result"} <= db.columns("jobs")
 
 
-def test_a_queue_of_an_older_release_gains_the_new_columns(
+def test_a_queue_of_an_older_release_is_migrated_in_place(
     database_url: str, tmp_path: Path
 ) -> None:
+    """The first release's table: new columns, the claim's indexes, and its done jobs moved
+    to the finished table, where they read as before."""
     old = connect(database_url, tmp_path)
     old.script(
         """CREATE TABLE jobs (id TEXT PRIMARY KEY, language TEXT NOT NULL, script TEXT NOT NULL,
@@ -106,16 +88,31 @@ def test_a_queue_of_an_older_release_gains_the_new_columns(
            attempts INTEGER NOT NULL DEFAULT 0, lease_until DOUBLE PRECISION,
            cancel INTEGER NOT NULL DEFAULT 0, created DOUBLE PRECISION NOT NULL,
            finished DOUBLE PRECISION, result TEXT);
+           CREATE INDEX jobs_by_tag ON jobs (status, created);
            INSERT INTO jobs (id, language, script, created) VALUES ('old', 'bash', 'echo', 1)"""
     )
+    old.execute(
+        "INSERT INTO jobs (id, language, script, created, status, worker, attempts, finished, "
+        "result) VALUES ('done', 'bash', 'echo', 0, 'done', 'w0', 1, ?, ?)",
+        (
+            time.time(),
+            json.dumps(JobResult("done", "none", "success", 0, 0.1, "hi", "", []).to_dict()),
+        ),
+    )
     old.close()
-    for _ in range(2):  # opening it again finds nothing left to add
+    for _ in range(2):  # opening it again finds nothing left to add or move
         queue = JobQueue.open(database_url, tmp_path)
+        assert queue.db.query("SELECT id FROM jobs") == [("old",)]
+        assert queue.db.query("SELECT id, worker FROM finished_jobs") == [("done", "w0")]
         queue.close()
     queue = JobQueue.open(database_url, tmp_path)
     spec = queue.claim("w", 30)
     assert spec is not None and (spec.id, spec.workspace) == ("old", "default")
     assert queue.held_by_group("old", "g") is False  # claimed by a normal worker: no group
+    done = queue.job("done")
+    assert done.status == "done" and done.result is not None and done.result.stdout == "hi"
+    assert queue.counts() == {"running": 1, "done": 1}
+    assert queue.cancel("done") == "already done"
     queue.close()
 
 
