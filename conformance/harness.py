@@ -91,8 +91,12 @@ class ProbeRun:
 
     @property
     def outcome(self) -> str:
+        """The probe's own verdict; a process of the job that outlived it makes any probe's
+        outcome exposed (R-JOB-3), whatever the probe said."""
         if self.verdict is None:
             return "error"
+        if self.survivors and self.verdict.get("outcome") != "error":
+            return "exposed"
         return str(self.verdict.get("outcome", "error"))
 
 

@@ -27,6 +27,8 @@ def test_probe(
         "stderr": run.result.stderr[-800:],
         "log": run.result.log,
     }
+    if run.survivors:
+        raw = {**raw, "survivors": run.survivors}
     evidence = cell.canaries.mask(json.dumps(raw))
     record.append(
         {
@@ -53,7 +55,11 @@ def test_probe(
     assert run.outcome == expected, (
         f"{probe.name} [{probe.row}] was {run.outcome}, expected {expected}{why}: {evidence}"
     )
-    assert not run.survivors, f"processes of the job outlived it (R-JOB-3): {run.survivors}"
+    # survivors are the evidence only where the matrix records that jobs outlive themselves
+    documented = expected == "exposed" and probe.row == "outlive"
+    assert documented or not run.survivors, (
+        f"processes of the job outlived it (R-JOB-3): {run.survivors}"
+    )
 
 
 @pytest.mark.cell_kind("refuses_start")

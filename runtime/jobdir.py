@@ -86,7 +86,13 @@ class JobDir:
         source = f"/proc/self/fd/{volume_fd}"
         if self.quota:
             target.mkdir()
-            mounts.bind(source, str(target))
+            try:
+                mounts.bind(source, str(target))
+            except mounts.MountError as exc:  # gVisor: no remount, so no nosuid,nodev
+                raise VolumeError(
+                    f"volume {name!r} cannot be given to this job: this kernel refuses to "
+                    f"bind it nosuid,nodev ({exc})"
+                ) from None
             self.mounted.append(str(target))
         elif jail_binds:
             # nsjail mounts in a mount namespace of its own, where the kernel refuses a bind
