@@ -23,6 +23,7 @@ from conformance.platforms.spec import COMMON, PlatformSpec, SpecError, read, un
 DRIVERS = {
     "host": "conformance.platforms.host:HostPlatform",
     "docker": "conformance.platforms.docker:DockerPlatform",
+    "uml": "conformance.platforms.uml:UmlPlatform",
 }
 
 
