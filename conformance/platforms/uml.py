@@ -59,8 +59,9 @@ mount -t mqueue mqueue /dev/mqueue
 mkdir -p "$ORVANTA_CELL_ROOT"
 mount -t hostfs -o "$ORVANTA_CELL_ROOT" hostfs "$ORVANTA_CELL_ROOT"
 # volumes hold files of the jobs' own uids, which hostfs cannot own: a tmpfs of the guest
-mkdir -p "$ORVANTA_CELL_ROOT/state/volumes"
-mount -t tmpfs -o mode=0711 tmpfs "$ORVANTA_CELL_ROOT/state/volumes"
+volumes="$ORVANTA_CELL_ROOT/state/volumes"
+mkdir -p "$volumes" /run/volumes && cp -a "$volumes/." /run/volumes/
+mount -t tmpfs -o mode=0711 tmpfs "$volumes" && cp -a /run/volumes/. "$volumes/"
 ip link set lo up
 for setting in $(echo "$ORVANTA_SYSCTLS" | tr , ' '); do sysctl -q -w "$setting"; done
 cd /
