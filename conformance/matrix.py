@@ -89,6 +89,8 @@ class Matrix:
     platforms: dict[str, PlatformSpec[Any]]
     limits: dict[str, int]
     cells: list[Cell]
+    # what each platform changes for every cell on it (merged into each cell's overrides)
+    platform_overrides: dict[str, dict[str, Override]] = field(default_factory=dict)
 
     def mode(self, cell: Cell) -> str:
         """How the cell's workers reach jobs: worker (the database) or agent (the API only)."""
@@ -139,6 +141,13 @@ def load(path: Path) -> Matrix:
         platforms=platforms,
         limits={k: int(v) for k, v in raw.get("limits", {}).items()},
         cells=cells,
+        platform_overrides={
+            name: {
+                probe: _override(path, f"platforms.{name}.overrides.{probe}", o)
+                for probe, o in entries.items()
+            }
+            for name, entries in overrides.items()
+        },
     )
 
 
@@ -315,10 +324,11 @@ ISOLATION_VARS = (
     "NSJAIL_PATH",
     "JOB_ISOLATION",
     "ORVANTA_NSJAIL_NETWORK",
+    "ORVANTA_BACKEND",
 )
 
 
-def current_env_cell(environ: Mapping[str, str], platform: str) -> Cell:
+def current_env_cell(environ: Mapping[str, str], platform: str, matrix: Matrix) -> Cell:
     """The worker as this environment configures it, held to the table of what it asks for.
 
     Asked-for, not what the host grants: if DISABLE_NSJAIL=false falls back because nsjail
@@ -331,6 +341,8 @@ def current_env_cell(environ: Mapping[str, str], platform: str) -> Cell:
     )
     if wants_nsjail:
         backend = "nsjail"
+    elif env.get("ORVANTA_BACKEND") in BACKENDS:
+        backend = env["ORVANTA_BACKEND"]
     elif env.get("ENABLE_UNSHARE_PID", "").lower() in ("true", "1", "yes"):
         backend = "unshare"
     else:
@@ -344,4 +356,5 @@ def current_env_cell(environ: Mapping[str, str], platform: str) -> Cell:
         kind="table",
         message="",
         req=("R-SEL-1", "R-SEL-2", "R-SEL-3"),
+        overrides=dict(matrix.platform_overrides.get(here, {})),  # what the platform changes
     )

@@ -163,7 +163,7 @@ def matrix_of(config: pytest.Config) -> Matrix:
             path = config.invocation_params.dir / path
         matrix = load(path)
         if config.getoption("current_env"):
-            matrix.cells.append(current_env_cell(os.environ, config.getoption("platform")))
+            matrix.cells.append(current_env_cell(os.environ, config.getoption("platform"), matrix))
         config.stash[MATRIX_KEY] = matrix
     return config.stash[MATRIX_KEY]
 

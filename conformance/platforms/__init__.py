@@ -24,6 +24,7 @@ DRIVERS = {
     "host": "conformance.platforms.host:HostPlatform",
     "docker": "conformance.platforms.docker:DockerPlatform",
     "podman": "conformance.platforms.podman:PodmanPlatform",
+    "uml": "conformance.platforms.uml:UmlPlatform",
 }
 
 

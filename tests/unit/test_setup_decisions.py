@@ -193,7 +193,8 @@ def test_platform_tools_are_not_needed_until_the_matrix_has_their_platforms(worl
     world.debian()
     (world.repo / "matrix.yaml").write_text("platforms:\n  host:\n    description: x\ncells: []\n")
     d = world.decide()
-    for group in ("uml", "gvisor", "podman"):
+    assert d["uml"] == ("apt", "user-mode-linux")  # matrix.yaml has uml-cgroup2
+    for group in ("gvisor", "podman"):
         assert d[group] == ("not needed", f"(no {group} platform in matrix.yaml)")
     assert "runsc-runtime" not in d and "rootless-user" not in d
 
@@ -258,9 +259,9 @@ def test_ci_groups_of_today_and_to_come() -> None:
         "docker-unprivileged-seccomp-unconfined",
     ]
     tox = (ROOT / "tox.ini").read_text()
-    for group in ("host", "privileged", "unprivileged"):
+    assert platforms("uml").stdout.strip() == "uml-cgroup2,uml-cgroup2-userns-off"
+    for group in ("host", "privileged", "unprivileged", "uml"):
         assert f"--platform={platforms(group).stdout.strip()} " in tox, group
-    assert platforms("uml").stdout == "\n"  # none in matrix.yaml yet
     assert platforms("gvisor").stdout.strip() == "docker-gvisor"
     assert platforms("podman").stdout.strip() == "podman-rootful,podman-rootless"
     for group in ("gvisor", "podman"):
