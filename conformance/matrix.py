@@ -78,6 +78,8 @@ class Cell:
     startup_log: tuple[str, ...] = ()
     job: str = ""  # job_exit: the script of fixtures/jobs/ to run
     finding: str = ""  # where the whole cell contradicts the page: what was measured
+    # probes this cell cannot measure, each with the measured reason (they are not run)
+    not_measured: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,13 @@ class Matrix:
         return self.platforms[cell.platform].mode
 
     def probes_for(self, cell: Cell) -> list[Probe]:
-        """The probes that apply to this cell (agent_api only where workers are agents)."""
-        return [p for p in self.probes.values() if not p.needs or p.needs == self.mode(cell)]
+        """The probes that apply to this cell (agent_api only where workers are agents), less
+        those the cell records it cannot measure (with why, in the report)."""
+        return [
+            p
+            for p in self.probes.values()
+            if (not p.needs or p.needs == self.mode(cell)) and p.name not in cell.not_measured
+        ]
 
     def documented(self, cell: Cell, probe: Probe) -> str:
         """The outcome the page's table promises for this probe in this cell."""
@@ -312,7 +319,19 @@ def _cell(
         startup_log=tuple(spec.get("startup_log", ())),
         job=str(spec.get("job", "")),
         finding=str(spec.get("finding", "")),
+        not_measured=_not_measured(path, where, spec.get("not_measured") or {}, probes),
     )
+
+
+def _not_measured(
+    path: Path, where: str, entries: Any, probes: Mapping[str, Probe]
+) -> dict[str, str]:
+    if not isinstance(entries, dict):
+        raise MatrixError(path, f"{where}.not_measured", "must map probe names to reasons")
+    unknown = sorted(set(entries) - set(probes))
+    if unknown:
+        raise MatrixError(path, f"{where}.not_measured", f"unknown probe(s) {unknown}")
+    return {str(k): str(v) for k, v in entries.items()}
 
 
 ISOLATION_VARS = (

@@ -106,6 +106,7 @@ def _cells(matrix: Matrix, tests: list[TestRecord]) -> list[dict[str, Any]]:
             "kind": spec.kind,
             "expectation": spec.message or "table",
             "status": "not run",
+            "not_measured": spec.not_measured,
             "startup_log": [],
             "probes": [],
         }
