@@ -51,8 +51,21 @@ INIT = """#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-mount -t cgroup2 cgroup2 /sys/fs/cgroup
-echo "+cpu +io +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+if [ "$ORVANTA_CGROUP" = v1 ]; then  # the v1 hierarchies a v1 host has (tests/integration)
+    mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
+    for controller in cpu,cpuacct memory pids freezer; do
+        mkdir -p "/sys/fs/cgroup/$controller"
+        mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller"
+    done
+    ln -s cpu,cpuacct /sys/fs/cgroup/cpu && ln -s cpu,cpuacct /sys/fs/cgroup/cpuacct
+else
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup
+    echo "+cpu +io +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+    if [ -n "$ORVANTA_JOBS_MEMORY" ]; then  # every job's group is below orvanta/
+        mkdir -p /sys/fs/cgroup/orvanta
+        echo "$ORVANTA_JOBS_MEMORY" > /sys/fs/cgroup/orvanta/memory.max
+    fi
+fi
 mkdir -p /dev/shm /dev/mqueue
 for dir in /tmp /var/tmp /run /dev/shm; do mount -t tmpfs -o mode=1777 tmpfs "$dir"; done
 mount -t mqueue mqueue /dev/mqueue
@@ -74,10 +87,16 @@ exec env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE
 class UmlOptions:
     mem: str = "1G"  # the guest's memory (UML's mem=)
     sysctls: tuple[str, ...] = ()  # `key=value` set at boot, e.g. user.max_user_namespaces=0
+    jobs_memory: str = ""  # memory.max of /sys/fs/cgroup/orvanta, the jobs' parent group
+    cgroup: str = "v2"  # v1: the guest mounts cgroup v1 hierarchies instead (tests only)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[1-9][0-9]*[MG]", self.mem):
             raise SpecError("mem", f"{self.mem!r}: write a size like 512M or 1G")
+        if self.jobs_memory and not re.fullmatch(r"[1-9][0-9]*[MG]", self.jobs_memory):
+            raise SpecError("jobs_memory", f"{self.jobs_memory!r}: write a size like 256M")
+        if self.cgroup not in ("v1", "v2"):
+            raise SpecError("cgroup", f"{self.cgroup!r}: write v1 or v2")
         for setting in self.sysctls:
             if not re.fullmatch(r"[a-z0-9_.]+=[0-9a-z]+", setting):
                 raise SpecError("sysctls", f"{setting!r}: write key=value, like kernel.x=0")
@@ -127,6 +146,8 @@ class Guest:
                     f"ORVANTA_REPO={REPO}",
                     f"ORVANTA_PYTHON={sys.executable}",
                     f"ORVANTA_SYSCTLS={','.join(options.sysctls)}",
+                    f"ORVANTA_JOBS_MEMORY={options.jobs_memory}",
+                    f"ORVANTA_CGROUP={options.cgroup}",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=console,

@@ -297,6 +297,28 @@ class Agent:
             **own_status("CapEff", "CapBnd", "Seccomp", "NoNewPrivs"),
         }
 
+    def op_run(
+        self, argv: list[str], env: dict[str, str], cwd: str, log: str, seconds: float
+    ) -> int:
+        """A command in the guest (tests/integration runs pytest here), its output in `log`;
+        its exit status, or -9 when it ran past `seconds` and was killed."""
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                return proc.wait(seconds)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return -9
+
     def op_halt(self) -> None:
         self.op_stop_workers()
         Path("/proc/sysrq-trigger").write_text("o")  # power off at once: nothing to sync

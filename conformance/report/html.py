@@ -42,10 +42,22 @@ def render(report: dict[str, Any]) -> str:
         _cells(report),
         _coverage(report),
         "<h2>Host</h2>",
-        _kv(report["host"]),
+        _kv({k: v for k, v in report["host"].items() if k != "platforms"}),
+        _platforms(report),
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _platforms(report: dict[str, Any]) -> str:
+    """Which kernel and cgroup version each platform's cells ran on."""
+    rows = "".join(
+        f"<tr><td>{escape(r['platform'])}</td><td>{escape(r['kernel'])}</td>"
+        f"<td>{escape(r['cgroup'])}</td><td>{escape(', '.join(r['cells']))}</td></tr>"
+        for r in report["host"].get("platforms") or []
+    )
+    head = "<tr><th>platform</th><th>kernel</th><th>cgroup</th><th>cells</th></tr>"
+    return f"<h3>Kernel and cgroup version per platform</h3><table>{head}{rows}</table>"
 
 
 def _table(report: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ def render(report: dict[str, Any]) -> str:
         f"— {report['host'].get('kernel', '')} on `{report['host'].get('hostname', '')}`, "
         f"{report['generated']}",
         "",
+        *platform_lines(report),
         "### Isolation comparison: documented → measured",
         "",
         *table_lines(report),
@@ -75,3 +76,16 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 def _backends(report: dict[str, Any]) -> list[str]:
     return list(report["table"][0]["backends"]) if report["table"] else []
+
+
+def platform_lines(report: dict[str, Any]) -> list[str]:
+    """Which kernel and cgroup version each platform's cells ran on."""
+    rows = report["host"].get("platforms") or []
+    if not rows:
+        return []
+    lines = ["| platform | kernel | cgroup | cells |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['platform']} | {row['kernel']} | {row['cgroup']} | {len(row['cells'])} |"
+        )
+    return [*lines, ""]

@@ -45,6 +45,8 @@ def requirements() -> dict[str, str]:
 
 def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dict[str, Any]:
     cells = _cells(matrix, tests)
+    host = {"hostname": platform.node(), **facts}
+    host["platforms"] = platforms_ran_on(cells, host)
     deviations = [
         {"cell": c["id"], **p}
         for c in cells
@@ -56,7 +58,7 @@ def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dic
     return {
         "schema": SCHEMA_ID,
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "host": {"hostname": platform.node(), **facts},
+        "host": host,
         "summary": {
             "verdict": "could not run" if not_run else ("fail" if failed else "pass"),
             "tests": len(tests),
@@ -82,6 +84,26 @@ def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dic
         "failures": [{"test": t.nodeid, "message": mask(t.message)[:2000]} for t in failed],
         "coverage": _coverage(tests),
     }
+
+
+def platforms_ran_on(cells: list[dict[str, Any]], host: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every platform that ran: the kernel and cgroup version its cells ran on (a UML guest
+    has its own; a container, the host's, unless its platform says otherwise) and its cells."""
+    rows: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        facts = cell.get("platform_facts") or {}
+        row = rows.setdefault(
+            cell["platform"],
+            {
+                "platform": cell["platform"],
+                "driver": str(facts.get("driver", "")),
+                "kernel": str(facts.get("kernel") or host.get("kernel") or "unknown"),
+                "cgroup": str(facts.get("cgroup") or host.get("cgroup") or "unknown"),
+                "cells": [],
+            },
+        )
+        row["cells"].append(cell["id"])
+    return list(rows.values())
 
 
 PLATFORM_MISSING = "platform missing here"  # in the skip reason of such a cell's tests

@@ -1,24 +1,30 @@
 """The OOM killer takes the job, not the worker; tini makes that exit code 137 (R-PID-2, R-NSJ-3).
 
-The worker and its job share one cgroup v1 memory group limited to 200M, as a worker in a
+cgroup v1: the worker and its job share one memory group limited to 200M, as a worker in a
 memory-limited container would: when the job fills it, the kernel must pick the job.
+cgroup v2: a job's tracking group leaves the worker's (it lives under orvanta/ at the
+cgroup root), so the 200M limit is set on orvanta/, the parent of every job's group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli_helpers import CliRun, job_output, kill_all
+from cli_helpers import CliRun, cannot_test, job_output, jobs_cgroup, kill_all
+
+from runtime import cgroups
 
 pytestmark = pytest.mark.integration
 
-MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
 CAP_SYS_RESOURCE = 24
+LIMIT = str(200 * 1024 * 1024)
 
 HOG = """
 chunks = []
@@ -27,18 +33,50 @@ while True:
 """
 
 
+@dataclass
+class MemoryLimit:
+    path: Path
+    v2: bool
+
+    def join(self) -> Callable[[], None] | None:
+        """v1: the CLI's child enters the group before exec, so the worker and job live there;
+        v2: nothing to join (the job's own group is below the limited one)."""
+        if self.v2:
+            return None
+        procs = str(self.path / "cgroup.procs")
+
+        def enter() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        return enter
+
+    def hit(self) -> int:
+        """How often the limit was hit (v1 memory.failcnt, v2 memory.events' oom_kill)."""
+        if not self.v2:
+            return int((self.path / "memory.failcnt").read_text())
+        events = dict(
+            line.split() for line in (self.path / "memory.events").read_text().splitlines()
+        )
+        return int(events["oom_kill"])
+
+
 @pytest.fixture
-def memory_cgroup() -> Iterator[Path]:
-    if not MEMORY_ROOT.is_dir():
-        pytest.skip("no cgroup v1 memory hierarchy at /sys/fs/cgroup/memory")
-    path = MEMORY_ROOT / f"orvanta-test-{secrets.token_hex(4)}"
+def memory_cgroup() -> Iterator[MemoryLimit]:
+    if cgroups.is_v2():
+        yield from _v2_limit()
+        return
+    root = cgroups.ROOT / "memory"
+    if not root.is_dir():
+        cannot_test(f"no cgroup v1 memory hierarchy at {root}")
+    path = root / f"orvanta-test-{secrets.token_hex(4)}"
     try:
         path.mkdir()
     except OSError as exc:
-        pytest.skip(f"cannot create a memory cgroup under {MEMORY_ROOT}: {exc}")
+        cannot_test(f"cannot create a memory cgroup under {root}: {exc}")
     try:
         (path / "memory.limit_in_bytes").write_text("200M")
-        yield path
+        yield MemoryLimit(path, v2=False)
     finally:
         for _ in range(100):
             try:
@@ -49,14 +87,25 @@ def memory_cgroup() -> Iterator[Path]:
                 time.sleep(0.05)
 
 
-def join(cgroup: Path) -> Callable[[], None]:
-    procs = str(cgroup / "cgroup.procs")
-
-    def enter() -> None:  # in the CLI's child before exec: the worker and its job live here
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
-
-    return enter
+def _v2_limit() -> Iterator[MemoryLimit]:
+    path = jobs_cgroup()
+    if "memory" not in (cgroups.ROOT / "cgroup.subtree_control").read_text().split():
+        cannot_test(f"the memory controller is not enabled below {cgroups.ROOT}")
+    try:
+        path.mkdir(exist_ok=True)
+        before = (path / "memory.max").read_text().strip()
+        if before != "max" and int(before) <= int(LIMIT):
+            before = ""  # a platform's own limit (uml-cgroup2's jobs_memory): keep it
+        else:
+            (path / "memory.max").write_text(LIMIT)
+    except OSError as exc:
+        cannot_test(f"cannot limit {path}/memory.max: {exc}")
+    try:
+        yield MemoryLimit(path, v2=True)
+    finally:
+        if before:
+            with contextlib.suppress(OSError):
+                (path / "memory.max").write_text(before)
 
 
 def has_capability(bit: int) -> bool:
@@ -69,9 +118,10 @@ def has_capability(bit: int) -> bool:
 @pytest.mark.req("R-PID-2", "R-NSJ-3", "R-CFG-3")
 @pytest.mark.parametrize("backend", ["unshare"])
 def test_oom_killed_job_exits_137_with_tini(
-    run_job: Callable[..., CliRun], backend_env: dict[str, str], memory_cgroup: Path
+    run_job: Callable[..., CliRun], backend_env: dict[str, str], memory_cgroup: MemoryLimit
 ) -> None:
-    rc, result, stderr = run_job(HOG, env=backend_env, preexec_fn=join(memory_cgroup), timeout=60)
+    before = memory_cgroup.hit()
+    rc, result, stderr = run_job(HOG, env=backend_env, preexec_fn=memory_cgroup.join(), timeout=60)
     # the `orvanta run` process survived to print the record: the job was the victim
     assert result is not None, f"rc={rc}\n{stderr}"
     assert result["isolation"] == "unshare"
@@ -79,16 +129,17 @@ def test_oom_killed_job_exits_137_with_tini(
     assert result["status"] == "failure"
     assert rc == 137
     assert "tini: found" in stderr
-    assert int((memory_cgroup / "memory.failcnt").read_text()) > 0  # the limit was really hit
+    assert memory_cgroup.hit() > before  # the limit was really hit
 
 
 @pytest.mark.req("R-PID-2", "R-NSJ-3", "R-CFG-3")
 @pytest.mark.parametrize("backend", ["unshare"])
 def test_oom_killed_job_without_tini(
-    run_job: Callable[..., CliRun], backend_env: dict[str, str], memory_cgroup: Path
+    run_job: Callable[..., CliRun], backend_env: dict[str, str], memory_cgroup: MemoryLimit
 ) -> None:
     env = {**backend_env, "UNSHARE_TINI_PATH": "/nonexistent/tini"}
-    rc, result, stderr = run_job(HOG, env=env, preexec_fn=join(memory_cgroup), timeout=60)
+    before = memory_cgroup.hit()
+    rc, result, stderr = run_job(HOG, env=env, preexec_fn=memory_cgroup.join(), timeout=60)
     assert result is not None, f"rc={rc}\n{stderr}"
     assert result["isolation"] == "unshare"
     # without an init, unshare itself reports the killed PID 1 badly (measured: exit 1)
@@ -99,7 +150,7 @@ def test_oom_killed_job_without_tini(
     assert warning, stderr
     assert "/nonexistent/tini" in warning[0]
     assert "137" in warning[0]
-    assert int((memory_cgroup / "memory.failcnt").read_text()) > 0
+    assert memory_cgroup.hit() > before
 
 
 OOM_SCORES = """

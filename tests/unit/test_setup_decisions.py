@@ -258,7 +258,7 @@ def test_ci_groups_of_today_and_to_come() -> None:
         "docker-unprivileged-seccomp-unconfined",
     ]
     tox = (ROOT / "tox.ini").read_text()
-    assert platforms("uml").stdout.strip() == "uml-cgroup2,uml-cgroup2-userns-off"
+    assert platforms("uml").stdout.strip() == "uml-cgroup2,uml-cgroup2-256m,uml-cgroup2-userns-off"
     for group in ("host", "privileged", "unprivileged", "uml"):
         assert f"--platform={platforms(group).stdout.strip()} " in tox, group
     assert platforms("gvisor").stdout.strip() == "docker-gvisor"
