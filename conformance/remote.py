@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class TagAudit:
         self.port = 0
         self.neighbour = ""
         self.other_job = ""
+        self.stopping = threading.Event()  # set on Ctrl-C: no further probe is submitted
 
     def run(self, log: Any = print) -> TagResult:
         res = self.result
@@ -101,6 +103,9 @@ class TagAudit:
         try:
             self._plant()
             for probe in probes:
+                if self.stopping.is_set():
+                    res.could_not_run = "interrupted"
+                    break
                 if probe.name in NEEDS_NEIGHBOUR and not self.neighbour:
                     res.not_measured[probe.name] = res.notes[-1]
                     continue

@@ -92,9 +92,15 @@ def audit(api: AdminAPI, matrix: Matrix, tags: list[str]) -> list[TagResult]:
         with lock:
             print(f"[{time.monotonic() - started:6.1f}s] {line}", flush=True)
 
+    audits = [TagAudit(api, matrix, tag, session) for tag in tags]
     with ThreadPoolExecutor(max_workers=len(tags)) as pool:
-        futures = [pool.submit(TagAudit(api, matrix, tag, session).run, log) for tag in tags]
-        return [f.result() for f in futures]
+        futures = [pool.submit(a.run, log) for a in audits]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C: each tag ends its current probe and stops
+            for a in audits:
+                a.stopping.set()
+            raise
 
 
 def dry_run(matrix: Matrix, server: str, tags: list[str], expects: dict[str, str]) -> None:

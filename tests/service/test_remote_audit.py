@@ -112,11 +112,12 @@ def test_remote_audit_matches_the_local_audit(
             assert run["isolation"] in (local.backend, "refused"), run  # refused: never ran
             assert run["worker"] or run["isolation"] == "refused", run
             if run["measured"] != expected:
-                why = run["evidence"][:300]
-                mismatches.append(f"{tag} {probe.name}: {run['measured']} != local {expected}: {why}")
+                why = f"{run['measured']} != local {expected}: {run['evidence'][:300]}"
+                mismatches.append(f"{tag} {probe.name}: {why}")
         assert set(SCANS) <= set(measured)
     assert not mismatches, "\n".join(mismatches)
     assert compared >= 3 * 25, compared
+    print(f"remote audit of {list(GROUPS)}: {elapsed:.1f}s, {report['summary']['probe_runs']} runs")
     assert exit_code(report["summary"]) == 0, report["failures"]
     assert elapsed < BUDGET, f"the remote audit of three groups took {elapsed:.1f}s"
 
