@@ -166,7 +166,11 @@ class TagAudit:
             stopper = self._submit("python3", STOPPER, {"NB_ID": self.nb})
             if stopper.id:
                 self.api.wait(stopper.id, 20)
-            if self.api.wait(self.neighbour, 3) is None:  # its /tmp is its own: it never saw
+            done = self.api.wait(self.neighbour, 3)
+            if done is not None and done.get("result"):
+                out = done["result"]["stdout"].strip().splitlines()
+                self.result.notes.append(f"neighbour {self.nb}: {out[-1] if out else 'no output'}")
+            if done is None:  # its /tmp is its own: it never saw
                 self.api.cancel(self.neighbour)
                 if self.api.wait(self.neighbour, 15) is None:
                     self.result.notes.append(

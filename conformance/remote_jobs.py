@@ -116,11 +116,16 @@ def plan(matrix: Matrix, agent: bool) -> tuple[list[PlannedProbe], dict[str, str
     return planned, skipped
 
 
-# The concurrently running job. It plants, binds, then execs itself under a marked argv
+# The concurrently running job. It binds first (a port taken fails it before it plants
+# anything), plants, then execs itself under a marked argv
 # (ps_listing, neighbour_process look for `orvanta-neighbour`) and serves until the audit's
 # stop file appears in its /tmp or its deadline passes; then it removes what it planted.
 NEIGHBOUR = r"""import ctypes, ctypes.util, os, socket, sys
 nb = os.environ["NB_ID"]
+tcp = socket.create_server(("127.0.0.1", int(os.environ["NB_PORT"])))
+unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+unix.bind("\0" + os.environ["NB_ABSTRACT"])
+unix.listen(8)
 mark = b"ORVANTA_CANARY neighbour data\n"
 with open("neighbour.txt", "wb") as f:
     f.write(mark)
@@ -140,10 +145,6 @@ if shm >= 0:
         ctypes.memmove(addr, mark, len(mark))
 rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
 rt.mq_open(f"/orvanta-neighbour-{nb}".encode(), os.O_CREAT | os.O_RDWR, 0o644, None)
-tcp = socket.create_server(("127.0.0.1", int(os.environ["NB_PORT"])))
-unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-unix.bind("\0" + os.environ["NB_ABSTRACT"])
-unix.listen(8)
 held = os.open("neighbour.txt", os.O_RDONLY)
 for fd in (tcp.fileno(), unix.fileno(), held):
     os.set_inheritable(fd, True)
