@@ -32,10 +32,23 @@ def register(sub: Any) -> None:
     audit.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
     audit.add_argument("--matrix", type=Path, default=None, help="default: the suite's own")
     audit.add_argument("-n", "--jobs", type=int, default=2, help="parallel pytest workers")
+    remote = audit.add_argument_group(
+        "remote audit", "probes as ordinary jobs of a live job service (ORVANTA_ADMIN_TOKEN)"
+    )
+    remote.add_argument("--server", help="the job service: http://HOST:PORT or unix:///PATH")
+    remote.add_argument("--tag", action="append", help="a worker tag to audit (repeatable)")
+    remote.add_argument(
+        "--expect", action="append", metavar="TAG=BACKEND", help="what TAG should run under"
+    )
+    remote.add_argument("--dry-run", action="store_true", help="list the jobs; submit nothing")
     audit.set_defaults(func=audit_command)
 
 
 def audit_command(args: argparse.Namespace, _settings: object) -> int:
+    if args.server or args.tag or args.expect or args.dry_run:
+        from conformance import remote_cli
+
+        return remote_cli.main(args)
     missing = [m for m in ("pytest", "xdist", "docker") if importlib.util.find_spec(m) is None]
     if missing:
         print(

@@ -37,7 +37,7 @@ def audit(env: dict[str, str], out: Path, *args: str) -> tuple[int, str, float]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
         check=False,
         cwd=ROOT,
     )
@@ -62,8 +62,9 @@ def test_quickstart_audit_passes_and_writes_four_files_in_time(
     code, output, seconds, out = quickstart
     assert code == 0, output[-4000:]
     assert [f for f in FILES if not (out / f).is_file()] == []
-    # 66 s standalone (README); here it shares 2 cores with the rest of the suite (~2x)
-    assert seconds < 200, f"the audit took {seconds:.1f}s"
+    # every platform of this host, gVisor, Podman and UML guests included (README: measured
+    # standalone); here it shares 2 cores with the rest of the suite (~2x)
+    assert seconds < 1500, f"the audit took {seconds:.1f}s"
     assert "isolation comparison: documented -> measured" in output
     assert re.search(
         r"\[\s*\d+\.\ds\] passed\s+test_probe\[host/none/default-proc_environ\]", output

@@ -3,6 +3,7 @@ from an empty directory; without the audit extra it says which extra to install.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -13,6 +14,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 ROOT = Path(__file__).resolve().parents[2]
+NOT_SOURCES = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "reports", ".*_cache")
 
 
 def sh(argv: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -27,16 +29,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Pat
     """(venv bin dir, the wheel, an empty working dir outside the checkout)."""
     base = tmp_path_factory.mktemp("install")
     dist = base / "dist"
+    # a copy of the working tree: a build writes build/ and *.egg-info beside its sources, and
+    # other tests (the worker image) build from the checkout at the same time
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
     built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "build",
-            "--wheel",
-            "--outdir",
-            str(dist),
-            str(ROOT),
-        ],
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(source)],
         cwd=base,
         capture_output=True,
         text=True,
