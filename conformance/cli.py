@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from conformance.resources import CHECKOUT, in_checkout, suite_file
+from runtime.backends import BACKEND_NAMES
 
 SUITE = Path(__file__).resolve().parent
 EXIT_OK, EXIT_WEAKER, EXIT_COULD_NOT_RUN = 0, 1, 2
@@ -27,7 +28,7 @@ def register(sub: Any) -> None:
         description="Exit 0: every expectation holds. 1: isolation is weaker than configured or "
         "documented. 2: the audit itself could not run.",
     )
-    audit.add_argument("--backend", default="all", choices=("none", "unshare", "nsjail", "all"))
+    audit.add_argument("--backend", default="all", choices=(*BACKEND_NAMES, "all"))
     audit.add_argument("--platform", default="all", help="a platform of matrix.yaml, or all")
     audit.add_argument("--out", type=Path, default=Path("reports"), help="report directory")
     audit.add_argument("--matrix", type=Path, default=None, help="default: the suite's own")
@@ -89,10 +90,11 @@ def audit_command(args: argparse.Namespace, _settings: object) -> int:
 
 
 def exit_code(summary: dict[str, Any]) -> int:
-    """From the report, not from pytest's code: a cell that could not be set up (or whose
-    platform is missing) is 2, never 1, which means the isolation itself is weaker."""
-    if summary.get("could_not_run"):
-        for entry in summary["could_not_run"]:
-            print(f"orvanta audit: could not run {entry['test']}: {entry['why']}")
-        return EXIT_COULD_NOT_RUN
-    return EXIT_WEAKER if summary["failed"] else EXIT_OK
+    """From the report, not from pytest's code. Weaker isolation anywhere is 1, even when
+    some other cell could not run; a cell that could not be set up (or whose platform is
+    missing) is 2 only when nothing measured was weaker, and never 1."""
+    for entry in summary.get("could_not_run") or []:
+        print(f"orvanta audit: could not run {entry['test']}: {entry['why']}")
+    if summary.get("weaker", summary["failed"]):
+        return EXIT_WEAKER
+    return EXIT_COULD_NOT_RUN if summary.get("could_not_run") else EXIT_OK

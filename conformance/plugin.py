@@ -98,9 +98,18 @@ def _asked(config: pytest.Config) -> bool:
         if config.option.pyargs and target.split(".", 1)[0] == SUITE_DIR.name:
             return True
         path = (config.invocation_params.dir / target).resolve()
-        if path == SUITE_DIR or path in SUITE_DIR.parents or SUITE_DIR in path.parents:
+        if path == SUITE_DIR or SUITE_DIR in path.parents:
+            return True
+        if path in SUITE_DIR.parents and _collects_suite(path):
             return True
     return False
+
+
+def _collects_suite(above: Path) -> bool:
+    """A run rooted above the suite collects it, unless the way down passes an installed
+    environment (a project's own .venv/.../site-packages/conformance is not its tests)."""
+    between = SUITE_DIR.relative_to(above).parts[:-1]
+    return not any(p in ("site-packages", "dist-packages") or p.startswith(".") for p in between)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -55,8 +55,9 @@ def test_probe(
     assert run.outcome == expected, (
         f"{probe.name} [{probe.row}] was {run.outcome}, expected {expected}{why}: {evidence}"
     )
-    # survivors are the evidence only where the matrix records (an override) that they outlive
-    documented = expected == "exposed" and override is not None
+    # survivors are the evidence only where the matrix records (an override on an outlive
+    # probe) that a job's processes outlive it on this platform; anywhere else they fail
+    documented = expected == "exposed" and override is not None and "outlive" in probe.name
     assert documented or not run.survivors, (
         f"processes of the job outlived it (R-JOB-3): {run.survivors}"
     )

@@ -234,11 +234,15 @@ class JobRunner:
             raise ValueError(f"volume target {script!r} is the job's own script; name another")
         if not is_plain_name(spec.workspace):
             raise ValueError(f"workspace {spec.workspace!r} is not a valid name for volumes")
+        names = [r.name for r in requests]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # a second fd on the same directory would wait for this job's own lock
+            raise VolumeError(f"volume(s) {twice} named twice in the header; name each once")
         opened: list[tuple[int, str]] = []
         deadline = time.monotonic() + timeout
         try:
             for request in sorted(requests, key=lambda r: r.name):  # one lock order: no deadlock
-                fd = open_volume(self.settings.state_dir, spec.workspace, request.name, owner)
+                fd = open_volume(self.settings.state_dir, spec.workspace, request.name)
                 opened.append((fd, request.target))
                 claim_volume(fd, request.name, deadline)
                 adopt_volume(fd, owner)

@@ -145,11 +145,17 @@ def take_ids(settings: Settings, locks: Path = ID_LOCKS) -> JobIds:
     told by the inode and skipped.
     """
     locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    held = locks.stat()
+    if held.st_uid != os.geteuid() or held.st_mode & 0o022:
+        raise PermissionError(
+            f"{locks} belongs to uid {held.st_uid} with mode {held.st_mode & 0o777:o}: the "
+            "locks that keep two jobs from sharing ids must be the worker's alone (chmod 700)"
+        )
     count = settings.job_id_count
     start = secrets.randbelow(count)
     for step in range(count):
         n = (start + step) % count
-        path = locks / str(n)
+        path = locks / str(settings.job_uid + n)  # by uid: overlapping ranges still exclude
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -110,14 +110,13 @@ def kill_orphans(
 
 
 def _exited(pid: int) -> bool:
-    """Already dead, waiting to be reaped (a launcher's helper that ended with the job, as
-    bwrap's init does): no survivor to report."""
+    """Already dead and waiting to be reaped (a launcher's helper that ended with the job, as
+    bwrap's init does): no survivor to report. Asked of the kernel without reaping it; a
+    leader whose other threads still run is not waitable, so it counts as alive."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
         return True
-    return stat[stat.rfind(")") + 2 :].startswith(("Z", "X"))
 
 
 def _thaw(pid: int) -> None:

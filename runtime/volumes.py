@@ -30,8 +30,8 @@ class VolumeError(ValueError):
     """The volume's host path is not a plain directory inside the state dir."""
 
 
-def open_volume(state_dir: Path, workspace: str, name: str, owner: tuple[int, int]) -> int:
-    """An fd on the volume's directory, made on first use and owned by the job's host ids."""
+def open_volume(state_dir: Path, workspace: str, name: str) -> int:
+    """An fd on the volume's directory, made (0700, root's) on first use."""
     fd = os.open(state_dir, _DIR_FLAGS & ~os.O_NOFOLLOW)  # the operator's path; may be a link
     try:
         for part, mode in (("volumes", 0o700), (workspace, 0o700), (name, 0o700)):
@@ -50,12 +50,7 @@ def open_volume(state_dir: Path, workspace: str, name: str, owner: tuple[int, in
                 raise
             os.close(fd)
             fd = child
-        info = os.fstat(fd)
-        if (info.st_uid, info.st_gid) != owner:
-            os.fchown(fd, *owner)
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            os.fchmod(fd, 0o700)
-        return fd
+        return fd  # handed to the job's ids by adopt_volume, once this job holds it
     except BaseException:
         os.close(fd)
         raise
@@ -78,26 +73,39 @@ def claim_volume(volume_fd: int, name: str, deadline: float) -> None:
 
 
 def adopt_volume(volume_fd: int, owner: tuple[int, int]) -> int:
-    """Give the job's ids what earlier jobs (other ids) left in the volume; returns how many
-    entries changed owner. Names are changed relative to their directory's fd without
-    following a symlink; a file with more than one link (it may be another's) is left alone,
-    and chown clears setuid/setgid bits on the way."""
-    device = os.fstat(volume_fd).st_dev
+    """Give the job's ids the volume and what earlier jobs (other ids) left in it; returns how
+    many entries changed owner. Called with the volume's lock held. Each entry is judged and
+    changed through an fd of its own (opened without following a symlink), so a name swapped
+    meanwhile for a link to another file changes nothing; symlinks, sockets, files with a
+    second hard link and anything on another filesystem are left alone, and chown clears
+    setuid/setgid bits on the way."""
+    info = os.fstat(volume_fd)
+    if (info.st_uid, info.st_gid) != owner:
+        os.fchown(volume_fd, *owner)
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.fchmod(volume_fd, 0o700)
+    device = info.st_dev
     changed = 0
     try:
         for _, dirs, files, dir_fd in os.fwalk(".", dir_fd=volume_fd, follow_symlinks=False):
             for name in (*dirs, *files):
                 try:
-                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+                except OSError:
+                    continue  # a symlink (ELOOP), a socket, or gone
+                try:
+                    entry = os.fstat(fd)
                     if (
-                        (info.st_uid, info.st_gid) != owner
-                        and info.st_dev == device
-                        and (stat.S_ISDIR(info.st_mode) or info.st_nlink == 1)
+                        (entry.st_uid, entry.st_gid) != owner
+                        and entry.st_dev == device
+                        and (stat.S_ISDIR(entry.st_mode) or entry.st_nlink == 1)
                     ):
-                        os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                        os.fchown(fd, *owner)
                         changed += 1
                 except OSError:
-                    continue
+                    pass
+                finally:
+                    os.close(fd)
     except RecursionError:
         log.error("a volume is nested too deep to walk whole; entries below stay with their ids")
     return changed

@@ -55,18 +55,20 @@ def build(matrix: Matrix, tests: list[TestRecord], facts: dict[str, Any]) -> dic
     ]
     failed = [t for t in tests if t.outcome in ("failed", "error")]
     not_run = [t for t in tests if could_not_run(t)]
+    weaker = [t for t in tests if t.outcome == "failed"]
     return {
         "schema": SCHEMA_ID,
         "generated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": host,
         "summary": {
-            "verdict": "could not run" if not_run else ("fail" if failed else "pass"),
+            "verdict": "fail" if weaker else ("could not run" if not_run else "pass"),
             "tests": len(tests),
             "could_not_run": [
                 {"test": t.nodeid, "why": mask(t.message).strip().splitlines()[-1][:300]}
                 for t in not_run[:50]
             ],
             "failed": len(failed),
+            "weaker": len(weaker),  # a check failed; a set-up error is not counted here
             "skipped": sum(t.outcome == "skipped" for t in tests),
             "cells": len(cells),
             "probe_runs": sum(len(c["probes"]) for c in cells),

@@ -41,6 +41,9 @@ def sandbox_args(settings: Settings, job_dir: str, env: dict[str, str]) -> list[
     """bwrap's arguments before the command: namespaces, the filesystem, the environment."""
     args = [
         "--unshare-all",  # user, pid, net (loopback up), ipc, uts, cgroup
+        "--unshare-user",  # required, not just tried: the job never shares the host's
+        # no --disable-userns: bwrap would nest a second user namespace for it, and the job's
+        # view of its ids would no longer be the host's (measured by setuid_jobdir)
         "--die-with-parent",
         "--new-session",  # no TIOCSTI into the worker's terminal
         "--hostname",
@@ -96,6 +99,7 @@ def launcher(settings: Settings, bwrap: str, host_ids: tuple[int, int] | None) -
         f"--cpu={limits.cpu_seconds}",
         f"--fsize={limits.file_size_mb * 1024 * 1024}",
         f"--nofile={limits.open_files}",
+        "--core=0",
         "--",
     ]
     if host_ids is not None:

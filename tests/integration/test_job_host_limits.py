@@ -292,3 +292,27 @@ def test_a_kernel_without_pidfd_still_ends_jobs_on_time(
     assert (done.exit_code, done.stdout, done.stderr) == (3, "out\n", "err\n"), done
     slow = r.run(JobSpec("nopidfd2", "bash", "sleep 30\n", {}, 1))
     assert slow.status == "timeout" and slow.duration < 5, slow
+
+
+@pytest.mark.req("R-ANN-4")
+def test_a_volume_named_twice_is_refused_instead_of_waiting_on_itself(tmp_path: Path) -> None:
+    """Each volume is held by one job at a time; the same one at two targets would wait for
+    the job's own lock until its timeout."""
+    r = runner(tmp_path, "unshare")
+    result = run(r, "# volume: cache a\n# volume: cache b\necho ran\n", "twice1")
+    assert result.status == "error" and "named twice" in result.stderr, result
+    assert "ran" not in result.stdout and result.duration < 5
+
+
+@pytest.mark.req("R-VOL-2", "R-HOST-3")
+def test_adopting_a_volume_leaves_a_hard_link_to_another_file_alone(tmp_path: Path) -> None:
+    """A file with a second link may be another's: the worker does not give it to the job."""
+    r = runner(tmp_path, "unshare")
+    first = run(r, "# volume: cache\necho mine > cache/f\n", "adopt-link1")
+    assert first.status == "success", first
+    volume = tmp_path / "state" / "volumes" / "default" / "cache"
+    outside = tmp_path / "outside"
+    outside.write_text("root's\n")
+    os.link(outside, volume / "linked")  # what a job could not do, planted as root
+    run(r, "# volume: cache\ntrue\n", "adopt-link2")
+    assert outside.stat().st_uid == 0

@@ -30,9 +30,15 @@ def record(outcome: str, message: str = "") -> model.TestRecord:
         ([record("passed"), record("skipped", "Skipped: needs two CPUs")], EXIT_OK, "pass"),
         ([record("passed"), record("failed", "assert exposed == blocked")], EXIT_WEAKER, "fail"),
         (
-            [record("failed"), record("error", "HarnessError: worker did not start")],
-            2,
+            [record("passed"), record("error", "HarnessError: worker did not start")],
+            EXIT_COULD_NOT_RUN,
             "could not run",
+        ),
+        # weaker isolation measured anywhere is never hidden behind a cell that could not run
+        (
+            [record("failed"), record("error", "HarnessError: worker did not start")],
+            EXIT_WEAKER,
+            "fail",
         ),
         (
             [
@@ -43,7 +49,7 @@ def record(outcome: str, message: str = "") -> model.TestRecord:
             "could not run",
         ),
     ],
-    ids=["holds", "weaker", "set-up-error", "platform-missing"],
+    ids=["holds", "weaker", "set-up-error", "weaker-and-set-up-error", "platform-missing"],
 )
 def test_the_exit_code_follows_the_collected_results(
     records: list[model.TestRecord], code: int, verdict: str
