@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -101,7 +100,7 @@ def test_a_volume_stays_writable_for_the_next_job_under_other_ids(
 # A job that keeps a secret in its dir and says where it is, until the test kills it.
 HOLDER = """echo "$SECRET" > mine.txt && chmod 644 mine.txt
 pwd > "$READY.tmp" && mv "$READY.tmp" "$READY"
-sleep 60
+for _ in $(seq 300); do [ -e "$READY.done" ] && exit 0; sleep 0.1; done
 """
 # The attack: another job's dir is named in this job's copy of the host's mount table.
 READER = """import json, os
@@ -168,10 +167,13 @@ def test_a_concurrent_jobs_dir_is_closed_to_a_job_that_knows_its_path(
         found = json.loads(result.stdout)
         assert found, "the holder's job dir is not in the reader's mount table"
         assert (secret in found.values()) is readable, found
-    finally:
-        os.killpg(holder.pid, signal.SIGTERM)
-        holder.wait(30)
-        ready.unlink(missing_ok=True)
+    finally:  # the holder ends by itself once told; its job is in a session of its own
+        Path(f"{ready}.done").touch()
+        try:
+            holder.wait(60)
+        finally:
+            ready.unlink(missing_ok=True)
+            Path(f"{ready}.done").unlink(missing_ok=True)
 
 
 @pytest.mark.req("R-HOST-3")
