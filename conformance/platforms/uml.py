@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import platform
 import queue
 import re
@@ -68,6 +69,10 @@ else
 fi
 mkdir -p /dev/shm /dev/mqueue
 for dir in /tmp /var/tmp /run /dev/shm; do mount -t tmpfs -o mode=1777 tmpfs "$dir"; done
+# what the agent runs from (the checkout, the Python environment) and the tmpfs just hid
+for dir in $(echo "$ORVANTA_HOST_DIRS" | tr : ' '); do
+    mkdir -p "$dir" && mount -r -t hostfs -o "$dir" hostfs "$dir"
+done
 mount -t mqueue mqueue /dev/mqueue
 mkdir -p "$ORVANTA_CELL_ROOT"
 mount -t hostfs -o "$ORVANTA_CELL_ROOT" hostfs "$ORVANTA_CELL_ROOT"
@@ -100,6 +105,21 @@ class UmlOptions:
         for setting in self.sysctls:
             if not re.fullmatch(r"[a-z0-9_.]+=[0-9a-z]+", setting):
                 raise SpecError("sysctls", f"{setting!r}: write key=value, like kernel.x=0")
+
+
+GUEST_TMPFS = ("/tmp", "/var/tmp", "/run", "/dev/shm")  # the guest's own, over the host's
+
+
+def hidden_host_dirs() -> list[str]:
+    """The checkout and the Python environment the agent runs from, where the guest's own
+    tmpfs would hide them (a checkout under /tmp, as CI clones it): mounted back read-only."""
+    wanted = {REPO, Path(sys.prefix), Path(sys.base_prefix)}
+    wanted.add(Path(os.path.realpath(sys.executable)).parent.parent)
+    return sorted(
+        str(p)
+        for p in wanted
+        if any(p == Path(top) or Path(top) in p.parents for top in GUEST_TMPFS)
+    )
 
 
 class GuestGone(RuntimeError):
@@ -144,6 +164,7 @@ class Guest:
                     f"{TAG}{session()}",
                     f"ORVANTA_CELL_ROOT={root}",
                     f"ORVANTA_REPO={REPO}",
+                    f"ORVANTA_HOST_DIRS={':'.join(hidden_host_dirs())}",
                     f"ORVANTA_PYTHON={sys.executable}",
                     f"ORVANTA_SYSCTLS={','.join(options.sysctls)}",
                     f"ORVANTA_JOBS_MEMORY={options.jobs_memory}",
