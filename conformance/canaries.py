@@ -135,3 +135,28 @@ class Canaries:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# What a neighbour job plants, for the local harness and the remote audit alike: a script
+# fragment that expects `token` and the modules ctypes, ctypes.util and os. Data in its job
+# dir and, where its sandbox lets it, in /tmp, /dev/shm, a SysV segment and a POSIX queue
+# (neighbour_files, neighbour_ipc).
+PLANT_NEIGHBOUR = r"""mark = b"ORVANTA_CANARY neighbour data\n"
+open("neighbour.txt", "wb").write(mark)
+for path in (f"/tmp/orvanta-neighbour-{token}", f"/dev/shm/orvanta-neighbour-{token}"):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, mark)
+        os.close(fd)
+    except OSError:
+        pass
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+shm = libc.shmget(int(token[:7], 16) | 0x4F000000, 4096, 0o1000 | 0o644)
+if shm >= 0:
+    addr = libc.shmat(shm, None, 0)
+    if addr not in (None, ctypes.c_void_p(-1).value):
+        ctypes.memmove(addr, mark, len(mark))
+rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
+rt.mq_open(f"/orvanta-neighbour-{token}".encode(), os.O_CREAT | os.O_RDWR, 0o644, None)
+"""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conformance.canaries import Canaries
+from conformance.canaries import PLANT_NEIGHBOUR, Canaries
 from conformance.matrix import Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
 from conformance.service import Service, scratch_postgres
@@ -39,29 +39,12 @@ LIMIT_VARS = {
 }
 # The concurrently running job: it leaves data in its dir and, where its sandbox lets it, in
 # /tmp, /dev/shm, a SysV segment and a POSIX queue, for neighbour_files and neighbour_ipc.
-NEIGHBOUR = """import ctypes, ctypes.util, os, sys
-token = os.environ["NEIGHBOUR_TOKEN"]
-mark = b"ORVANTA_CANARY neighbour data\\n"
-open("neighbour.txt", "wb").write(mark)
-for path in (f"/tmp/orvanta-neighbour-{token}", f"/dev/shm/orvanta-neighbour-{token}"):
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, mark)
-        os.close(fd)
-    except OSError:
-        pass
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-shm = libc.shmget(int(token[:7], 16) | 0x4F000000, 4096, 0o1000 | 0o644)
-if shm >= 0:
-    addr = libc.shmat(shm, None, 0)
-    if addr not in (None, ctypes.c_void_p(-1).value):
-        ctypes.memmove(addr, mark, len(mark))
-rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
-rt.mq_open(f"/orvanta-neighbour-{token}".encode(), os.O_CREAT | os.O_RDWR, 0o644, None)
-argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]
-os.execv(sys.executable, argv)
-"""
+NEIGHBOUR = (
+    'import ctypes, ctypes.util, os, sys\ntoken = os.environ["NEIGHBOUR_TOKEN"]\n'
+    + PLANT_NEIGHBOUR
+    + 'argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]\n'
+    + "os.execv(sys.executable, argv)\n"
+)
 # Kernel settings a probe may write back (with their current value): restored if one changed.
 KERNEL_SETTINGS = (
     "/proc/sys/kernel/domainname",

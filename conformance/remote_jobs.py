@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from conformance.canaries import PLANT_NEIGHBOUR
 from conformance.matrix import Matrix, Probe
 
 SCAN_SCRIPT = Path(__file__).resolve().parent / "credential_scan.py"
@@ -120,37 +121,23 @@ def plan(matrix: Matrix, agent: bool) -> tuple[list[PlannedProbe], dict[str, str
 # anything), plants, then execs itself under a marked argv
 # (ps_listing, neighbour_process look for `orvanta-neighbour`) and serves until the audit's
 # stop file appears in its /tmp or its deadline passes; then it removes what it planted.
-NEIGHBOUR = r"""import ctypes, ctypes.util, os, socket, sys
+NEIGHBOUR = (
+    r"""import ctypes, ctypes.util, os, socket, sys
 nb = os.environ["NB_ID"]
 tcp = socket.create_server(("127.0.0.1", int(os.environ["NB_PORT"])))
 unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 unix.bind("\0" + os.environ["NB_ABSTRACT"])
 unix.listen(8)
-mark = b"ORVANTA_CANARY neighbour data\n"
-with open("neighbour.txt", "wb") as f:
-    f.write(mark)
-for path in (f"/tmp/orvanta-neighbour-{nb}", f"/dev/shm/orvanta-neighbour-{nb}"):
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(fd, mark)
-        os.close(fd)
-    except OSError:
-        pass
-libc = ctypes.CDLL(None, use_errno=True)
-libc.shmat.restype = ctypes.c_void_p
-shm = libc.shmget(int(nb[:7], 16) | 0x4F000000, 4096, 0o1000 | 0o644)
-if shm >= 0:
-    addr = libc.shmat(shm, None, 0)
-    if addr not in (None, ctypes.c_void_p(-1).value):
-        ctypes.memmove(addr, mark, len(mark))
-rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
-rt.mq_open(f"/orvanta-neighbour-{nb}".encode(), os.O_CREAT | os.O_RDWR, 0o644, None)
-held = os.open("neighbour.txt", os.O_RDONLY)
+token = nb
+"""
+    + PLANT_NEIGHBOUR
+    + r"""held = os.open("neighbour.txt", os.O_RDONLY)
 for fd in (tcp.fileno(), unix.fileno(), held):
     os.set_inheritable(fd, True)
 os.environ.update(NB_FDS=f"{tcp.fileno()},{unix.fileno()},{held}", NB_SHM=str(shm))
 os.execv(sys.executable, [sys.executable, "-c", NB_SERVE, "orvanta-neighbour"])
 """
+)
 NEIGHBOUR_SERVE = r"""import ctypes, ctypes.util, os, select, socket, time
 nb = os.environ["NB_ID"]
 tcp, unix, held = (int(x) for x in os.environ["NB_FDS"].split(","))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -43,3 +44,20 @@ def tmp_path(request: pytest.FixtureRequest, _passable_tmp: Path) -> Path:
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_passable_tmp))
     path.chmod(0o711)
     return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each queue test on both databases; PostgreSQL may be absent only outside CI."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/queue.sqlite3"
+        return
+    from conformance.service import postgres_unavailable, scratch_postgres
+
+    why = postgres_unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL half (run scripts/setup): {why}")
+        pytest.skip(why)
+    with scratch_postgres() as url:
+        yield url

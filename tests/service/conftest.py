@@ -12,40 +12,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from service_helpers import WorkerProcess
 
-from conformance.service import ROOT, Service, postgres_unavailable, scratch_postgres
+from conformance.service import ROOT, Service
 from runtime.jobdir import sweep_orphans
 from runtime.settings import Settings
 
 READY = "pulling jobs from"
-
-
-@dataclass
-class WorkerProcess:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/queue.sqlite3"
-        return
-    why = postgres_unavailable()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the PostgreSQL half (run scripts/setup): {why}")
-        pytest.skip(why)
-    with scratch_postgres() as url:
-        yield url
 
 
 @pytest.fixture

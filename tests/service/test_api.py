@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WorkerProcess
+from service_helpers import WorkerProcess
 
 from conformance.service import Service
 

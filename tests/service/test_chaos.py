@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import WorkerProcess
+from service_helpers import WorkerProcess
 
 from runtime.queue import JobQueue
 

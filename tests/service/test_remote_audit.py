@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import WorkerProcess
+from service_helpers import WorkerProcess
 
 from conformance.cli import exit_code
 from conformance.harness import LIMIT_VARS
