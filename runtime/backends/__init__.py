@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -59,6 +60,14 @@ class Launch:
     def argv_for(self, fds: list[int]) -> list[str]:
         marks = {f"{{fd{i}}}": str(fd) for i, fd in enumerate(fds)}
         return [marks.get(arg, arg) for arg in self.argv]
+
+
+def write_records(path: Path, records: list[str]) -> None:
+    """NUL-separated records in a new file that is root's alone (0600): what a launcher reads
+    from an fd (`Launch.read_files`) instead of its command line."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(b"".join(record.encode() + b"\0" for record in records))
 
 
 class Backend(Protocol):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from runtime import idmap
-from runtime.backends import INFO, Launch, PreparedJob, tool_path
+from runtime.backends import INFO, Launch, PreparedJob, tool_path, write_records
 from runtime.capabilities import HostCapabilities, Probe, run_probe
 from runtime.settings import Settings
 
@@ -109,13 +109,6 @@ def launcher(settings: Settings, bwrap: str, host_ids: tuple[int, int] | None) -
     return [*argv, bwrap]
 
 
-def write_args(path: Path, args: list[str]) -> None:
-    """NUL-separated, as `bwrap --args FD` reads them; root's alone (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"".join(arg.encode() + b"\0" for arg in args))
-
-
 class Bubblewrap:
     name: ClassVar[str] = "bwrap"
     on_the_page: ClassVar[bool] = False
@@ -145,7 +138,7 @@ class Bubblewrap:
         with tempfile.TemporaryDirectory(prefix="orvanta-bwrap-probe-") as tmp:
             os.chown(tmp, *owner)
             args = Path(tmp + "-args")
-            write_args(args, sandbox_args(settings, tmp, {}))
+            write_records(args, sandbox_args(settings, tmp, {}))
             fd = os.open(args, os.O_RDONLY)
             args.unlink()
             try:
@@ -182,7 +175,7 @@ class Bubblewrap:
 
     def launch(self, job: PreparedJob, env: dict[str, str]) -> Launch:
         args = job.control_dir / "bwrap.args"
-        write_args(args, sandbox_args(self.settings, str(job.job_dir), env))
+        write_records(args, sandbox_args(self.settings, str(job.job_dir), env))
         script = f"{INNER_DIR}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
         argv = [*launcher(self.settings, self.bwrap, job.host_ids), "--args", "{fd0}", "--"]

@@ -1,28 +1,43 @@
-"""PID namespace via `unshare <flags> -- env -i <job vars> [tini -s --] <job>` (R-PID-1, R-PID-2).
+"""PID namespace: `unshare <flags> -- perl -e APPLY_ENV FD [tini -s --] <job>` (R-PID-1, 2).
 
 unshare runs as root outside any sandbox, with the worker's fixed launcher
-environment. The job's own variables are applied by `env -i` as the first step
-inside the namespace, after the uid map and `--setuid`: from there on, env,
-tini and the job run as the job's own uid, so a variable that makes them load
-code (LD_PRELOAD) runs it with no privilege the job lacks (issue: LD_PRELOAD
-into the launchers). `env` execs tini at once, so the values stay in no
-long-lived command line. With a root worker the flags are hardened
-(`runtime.idmap`): the job's root maps to ORVANTA_JOB_UID, not the host's root.
+environment. The job's own variables never appear on a command line: `unshare
+--fork` stays alive as the job's parent for the whole job, and its argv is
+readable by every user of the host (`ps`). They lie NUL-separated in a root-only
+file of the job's control dir, which the worker opens for the child; the first
+step inside the namespace, after the uid map and `--setuid`, is a few lines of
+Perl (perl-base is in every Debian) that read that fd, make the variables the
+whole environment and exec tini. From there on, perl, tini and the job run as the
+job's own uid, so a variable that makes them load code (LD_PRELOAD) runs it with
+no privilege the job lacks. Every step execs, so tini is still PID 1. With a root
+worker the flags are hardened (`runtime.idmap`): the job's root maps to
+ORVANTA_JOB_UID, not the host's root.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import ClassVar
 
 from runtime import idmap
-from runtime.backends import INFO, Launch, PreparedJob, tool_path
+from runtime.backends import INFO, Launch, PreparedJob, tool_path, write_records
 from runtime.capabilities import HostCapabilities, Probe, host_euid, run_probe
 from runtime.settings import Settings
 
-ENV = "/usr/bin/env"
+PERL = "/usr/bin/perl"
+# argv: FD, then the command. Reads NAME=VALUE records from FD, which it closes; exact for
+# any value (no shell reads it); the environment is then exactly those variables.
+APPLY_ENV = (
+    'open(my $f, "<&=", shift) or die "orvanta: job environment: $!\\n"; local $/ = "\\0"; '
+    "%ENV = (); while (my $kv = <$f>) { chop $kv; my ($k, $v) = split /=/, $kv, 2; "
+    "$ENV{$k} = $v } close $f; "
+    'exec { $ARGV[0] } @ARGV or die "orvanta: cannot run $ARGV[0]: $!\\n"'
+)
 
 # util-linux unshare's options (2.38, 2.39): long name -> takes a value ("no", "opt", "req").
 # getopt_long also takes any unambiguous prefix of a long name (`--map-root`), and short
@@ -185,9 +200,10 @@ class PidNamespace:
         script = f"{self.inner_dir(job)}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
         init = [self.tini, "-s", "--"] if self.tini else []
-        assignments = [f"{k}={v}" for k, v in env.items()]
-        argv = [self.unshare, *self.flags(job), "--", ENV, "-i", *assignments, *init, *command]
-        return Launch(argv, idmap.launcher_env(self.settings))
+        variables = job.control_dir / "unshare.env"
+        write_records(variables, [f"{k}={v}" for k, v in env.items()])
+        argv = [self.unshare, *self.flags(job), "--", PERL, "-e", APPLY_ENV, "{fd0}"]
+        return Launch([*argv, *init, *command], idmap.launcher_env(self.settings), (variables,))
 
 
 def probe_unshare(settings: Settings) -> Probe:
@@ -223,4 +239,25 @@ def probe_unshare(settings: Settings) -> Probe:
                 f"{why or 'unshare exited non-zero without a message'} (with the job's root "
                 f"mapped to host uid {settings.job_uid}: {' '.join(flags)})",
             )
+    problem = apply_env_problem(path, flags, settings)
+    if problem:
+        return Probe(None, problem)
     return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")
+
+
+def apply_env_problem(unshare: str, flags: list[str], settings: Settings) -> str | None:
+    """Jobs' variables reach them through APPLY_ENV inside the namespace: try it as jobs will."""
+    if not os.access(PERL, os.X_OK):
+        return f"{PERL} not found: it applies the job's variables in the namespace (apt perl-base)"
+    with tempfile.TemporaryDirectory(prefix="orvanta-unshare-probe-") as tmp:
+        records = Path(tmp) / "env"
+        write_records(records, ["ORVANTA_PROBE=ok"])
+        fd = os.open(records, os.O_RDONLY)
+        try:
+            argv = [unshare, *flags, "--", PERL, "-e", APPLY_ENV, str(fd), "/usr/bin/env"]
+            ok, output = run_probe(argv, idmap.launcher_env(settings), True, (fd,))
+        finally:
+            os.close(fd)
+    if ok and output.strip() == "ORVANTA_PROBE=ok":
+        return None
+    return f"the job's variables do not reach it through {PERL} ({output or 'no output'})"

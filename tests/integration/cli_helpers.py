@@ -27,6 +27,7 @@ BACKEND_ENV: dict[str, dict[str, str]] = {
     "none": {},
     "unshare": {"ENABLE_UNSHARE_PID": "true"},
     "nsjail": {"DISABLE_NSJAIL": "false"},
+    "bwrap": {"ORVANTA_BACKEND": "bwrap"},
 }
 # Printed by a job to say which nsjail cgroups (cgroup v1: <controller>/orvanta/NSJAIL.<pid>,
 # v2: orvanta/NSJAIL.<pid>) it lives in; the jail's /proc/self/cgroup names them.
@@ -124,6 +125,8 @@ def kill_all(pids: list[int]) -> None:
 def tool_missing(backend: str) -> str | None:
     if backend == "unshare" and shutil.which("unshare") is None:
         return "unshare (util-linux) is not installed"
+    if backend == "bwrap" and shutil.which("bwrap") is None:
+        return "bwrap (bubblewrap) is not installed"
     if backend == "nsjail":
         from runtime.backends.nsjail import locate_nsjail
         from runtime.settings import Settings

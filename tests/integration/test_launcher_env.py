@@ -13,11 +13,13 @@ list misses a name.
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 from cli_helpers import BACKEND_ENV, tool_missing
 
@@ -92,3 +94,43 @@ def test_the_launchers_path_is_the_workers(tmp_path: Path, backend: str) -> None
     assert result.status == "success", result
     assert result.stdout.strip() == job_path
     assert sorted(p.name for p in ran.iterdir()) == [], "a launcher ran a program of the job's"
+
+
+WAIT_AND_SHOW = """import json, os, time
+time.sleep(1.5)  # while the harness reads every command line
+print(json.dumps(dict(os.environ)))
+"""
+
+
+@pytest.mark.req("R-JOB-1", "R-PID-1")
+@pytest.mark.parametrize("backend", ["none", "unshare", "nsjail", "bwrap"])
+def test_a_jobs_variables_are_on_no_command_line(tmp_path: Path, backend: str) -> None:
+    """Command lines are readable by every user of the host (`ps`), and by jobs whose /proc
+    is the host's. While a job runs, no process's argv holds one of its values; the job
+    still gets exactly its variables, whatever bytes they hold."""
+    missing = tool_missing(backend)
+    if missing:
+        pytest.skip(f"{backend}: {missing}")
+    secret = f"orvanta-argv-secret-{tmp_path.name}"
+    env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state")}
+    settings = Settings.from_env(env)
+    runner = JobRunner(settings, probe_host(settings))
+    job_env = {"TOKEN": secret, "ODD": "a'b\"c\\d\nnext=line $HOME `x`", "EMPTY": ""}
+    seen: set[str] = set()
+    scans = 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            runner.run, JobSpec("argv" + backend, "python3", WAIT_AND_SHOW, job_env, 30)
+        )
+        while not running.done():
+            for proc in psutil.process_iter(["cmdline"]):
+                argv = " ".join(proc.info["cmdline"] or ())
+                if secret in argv:
+                    seen.add(f"{proc.pid}: {argv[:300]}")
+            scans += 1
+        result = running.result()
+    assert result.status == "success", result
+    assert scans > 3, "the job ended before its command lines could be read"
+    assert not seen, f"a job's variable on a command line every host user can read: {seen}"
+    shown = json.loads(result.stdout.splitlines()[-1])
+    assert {k: shown.get(k) for k in job_env} == job_env

@@ -1,18 +1,26 @@
-"""The PID-namespace command line: `unshare <flags> -- [tini -s --] env -i <vars> <job>`.
+"""The PID-namespace command line: `unshare <flags> -- perl -e APPLY_ENV FD [tini -s --] <job>`.
 
 R-PID-1, R-PID-2; the flags as configured when ORVANTA_JOB_UID=0 (the page's literal
 recipe), hardened so that the job's root is an unprivileged host uid otherwise
-(`hardened_flags`); the job's variables only through `env -i` inside the namespace.
+(`hardened_flags`); the job's variables only through a root-only file read inside the
+namespace, never on a command line (which every host user can read).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from runtime.backends import PreparedJob, make_backend
-from runtime.backends.unshare import ENV, PidNamespace, UnshareFlagError, hardened_flags
+from runtime.backends.unshare import (
+    APPLY_ENV,
+    PERL,
+    PidNamespace,
+    UnshareFlagError,
+    hardened_flags,
+)
 from runtime.capabilities import HostCapabilities, Probe
 from runtime.languages import language
 from runtime.settings import Settings
@@ -32,8 +40,18 @@ def host(tini: bool = True, unshare: bool = True) -> HostCapabilities:
     )
 
 
+@pytest.fixture(autouse=True)
+def control_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where launch() writes the job's variables (a job's control dir)."""
+    monkeypatch.setattr(sys.modules[__name__], "CONTROL", tmp_path)
+    return tmp_path
+
+
+CONTROL = Path("/nonexistent")
+
+
 def prepared(lang: str) -> PreparedJob:
-    return PreparedJob("0123456789abcdef", language(lang), JOB_DIR, JOB_DIR.parent / "control", 5.0)
+    return PreparedJob("0123456789abcdef", language(lang), JOB_DIR, CONTROL, 5.0)
 
 
 def settings(**env: str) -> Settings:
@@ -42,7 +60,7 @@ def settings(**env: str) -> Settings:
 
 
 JOB_ENV = {"HOME": str(JOB_DIR), "MINE": "a b"}
-INNER_ENV = [ENV, "-i", f"HOME={JOB_DIR}", "MINE=a b"]
+INNER_ENV = [PERL, "-e", APPLY_ENV, "{fd0}"]
 
 
 def argv(backend: PidNamespace, lang: str) -> list[str]:
@@ -89,16 +107,16 @@ def test_bash_job_with_custom_flags_and_python() -> None:
 
 @pytest.mark.req("R-JOB-1")
 def test_the_launchers_get_the_workers_environment_not_the_jobs() -> None:
-    """unshare runs as root outside the sandbox: none of the job's variables; they are set
-    by `env -i` inside the namespace, before tini."""
-    launch = PidNamespace(settings(), host()).launch(prepared("bash"), {"LD_PRELOAD": "/x.so"})
-    assert "LD_PRELOAD" not in launch.env
+    """unshare runs as root outside the sandbox: none of the job's variables in its
+    environment, nor on any command line; they lie in a root-only file for APPLY_ENV."""
+    job_env = {"LD_PRELOAD": "/x.so", "TOKEN": "s3cret\nline two"}
+    launch = PidNamespace(settings(), host()).launch(prepared("bash"), job_env)
     assert set(launch.env) == {"PATH", "LANG"}
-    assert launch.argv[launch.argv.index(ENV) : launch.argv.index(ENV) + 3] == [
-        ENV,
-        "-i",
-        "LD_PRELOAD=/x.so",
-    ]
+    assert not [arg for arg in launch.argv if "s3cret" in arg or "/x.so" in arg]
+    (records,) = launch.read_files
+    assert records.parent == CONTROL
+    assert records.stat().st_mode & 0o777 == 0o600
+    assert records.read_bytes() == b"LD_PRELOAD=/x.so\0TOKEN=s3cret\nline two\0"
 
 
 HARDENED = ["--user", "--map-users=70000,0,1", "--map-groups=70001,0,1", "--setuid=0", "--setgid=0"]
