@@ -26,6 +26,8 @@ def test_probe(
         "stdout": run.result.stdout[-800:],
         "stderr": run.result.stderr[-800:],
         "log": run.result.log,
+        "exit_code": run.result.exit_code,  # an empty output says nothing: how it ended does
+        "duration": round(run.result.duration, 3),
     }
     if run.survivors:
         raw = {**raw, "survivors": run.survivors}
