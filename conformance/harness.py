@@ -193,7 +193,7 @@ class CellSession:
         whatever it may have left and put back any kernel setting it changed."""
         assert self.queue is not None, "cell not started"
         token = secrets.token_hex(8)
-        env = self.canaries.job_env(token, self.matrix.limits)
+        env = self.canaries.job_env(token, self.matrix.limits_for(self.cell))
         env.update(self.platform.probe_env())
         nb = self.neighbour_token
         env.update(
@@ -271,13 +271,8 @@ class CellSession:
         env = self.platform.base_env()
         env.update(self.cell.env)
         env["CANARY_FILE"] = str(self.canaries.secret_file)
-        env.update(
-            {
-                var: str(self.matrix.limits[k])
-                for k, var in LIMIT_VARS.items()
-                if k in self.matrix.limits
-            }
-        )
+        limits = self.matrix.limits_for(self.cell)
+        env.update({var: str(limits[k]) for k, var in LIMIT_VARS.items() if k in limits})
         # a worker holds its queue's credentials; an agent only the server's URL and its token
         env.update(self._agent_env or self.canaries.worker_env(self.state_dir))
         env["ORVANTA_STATE_DIR"] = str(self.state_dir)

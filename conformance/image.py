@@ -41,7 +41,6 @@ PACKAGES = (
     "procps",
     "iproute2",
     "python3-psutil",
-    "python3-pyroute2",
     "ca-certificates",
 )
 SOURCES = ("pyproject.toml", "runtime", "fixtures/worker-image/Dockerfile")

@@ -93,6 +93,12 @@ class Matrix:
     cells: list[Cell]
     # what each platform changes for every cell on it (merged into each cell's overrides)
     platform_overrides: dict[str, dict[str, Override]] = field(default_factory=dict)
+    # limits a platform sets apart from `limits` (a slow guest's CPU time), by platform
+    platform_limits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def limits_for(self, cell: Cell) -> dict[str, int]:
+        """The limits this cell's workers run with (and its probes are told)."""
+        return {**self.limits, **self.platform_limits.get(cell.platform, {})}
 
     def mode(self, cell: Cell) -> str:
         """How the cell's workers reach jobs: worker (the database) or agent (the API only)."""
@@ -134,7 +140,8 @@ def load(path: Path) -> Matrix:
         raise MatrixError(path, "file", "expected a mapping with table, probes, platforms, cells")
     table = {name: _row(path, name, spec) for name, spec in _section(path, raw, "table").items()}
     probes = {n: _probe(path, n, s, table) for n, s in _section(path, raw, "probes").items()}
-    platforms, overrides = _platforms(path, _section(path, raw, "platforms"))
+    platforms, overrides, platform_limits = _platforms(path, _section(path, raw, "platforms"))
+    limits = _limits(path, "limits", raw.get("limits", {}))
     cells = [_cell(path, i, spec, overrides, probes) for i, spec in enumerate(raw.get("cells", []))]
     ids = [c.id for c in cells]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
@@ -146,7 +153,7 @@ def load(path: Path) -> Matrix:
         protected=tuple(raw.get("protected", ())),
         probes=probes,
         platforms=platforms,
-        limits={k: int(v) for k, v in raw.get("limits", {}).items()},
+        limits=limits,
         cells=cells,
         platform_overrides={
             name: {
@@ -155,7 +162,27 @@ def load(path: Path) -> Matrix:
             }
             for name, entries in overrides.items()
         },
+        platform_limits={
+            name: _limits(path, f"platforms.{name}.limits", entries, limits)
+            for name, entries in platform_limits.items()
+        },
     )
+
+
+def _limits(
+    path: Path, where: str, raw: Any, known: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Positive whole numbers by name; a platform's only for names `limits` has."""
+    if not isinstance(raw, dict):
+        raise MatrixError(path, where, "must be a mapping like {cpu_seconds: 3}")
+    limits = {}
+    for key, value in raw.items():
+        if known is not None and key not in known:
+            raise MatrixError(path, f"{where}.{key}", f"not one of the limits {sorted(known)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MatrixError(path, f"{where}.{key}", f"{value!r}: write a whole number >= 1")
+        limits[str(key)] = value
+    return limits
 
 
 def _section(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -167,21 +194,23 @@ def _section(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 def _platforms(
     path: Path, section: dict[str, Any]
-) -> tuple[dict[str, PlatformSpec[Any]], dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, PlatformSpec[Any]], dict[str, dict[str, Any]], dict[str, Any]]:
     """Each platform as its typed spec, and apart from it the probe outcomes it overrides
-    (which every cell of the platform merges into its own)."""
-    specs, overrides = {}, {}
+    (which every cell of the platform merges into its own) and the limits it sets."""
+    specs, overrides, limits = {}, {}, {}
     for name, entry in section.items():
         entry = entry or {}
         if not isinstance(entry, dict):
             raise MatrixError(path, f"platforms.{name}", "must be a mapping of options, or empty")
-        options = {k: v for k, v in entry.items() if k != "overrides"}
+        options = {k: v for k, v in entry.items() if k not in ("overrides", "limits")}
         try:
             specs[name] = parse_platform(str(name), options)
         except SpecError as exc:
             raise MatrixError(path, exc.where, exc.problem) from None
         overrides[name] = entry.get("overrides") or {}
-    return specs, overrides
+        if "limits" in entry:
+            limits[name] = entry["limits"]
+    return specs, overrides, limits
 
 
 def _row(path: Path, name: str, spec: dict[str, Any]) -> Row:

@@ -42,6 +42,9 @@ from conformance.platforms.spec import PlatformSpec, SpecError
 from conformance.platforms.uml_guest import LineChannel, dump
 
 KERNEL = "linux.uml"
+# where scripts/uml-kernel puts a newer Debian UML kernel when Debian 12's cannot boot on this
+# CPU (AVX-512/AMX hosts); ORVANTA_UML_KERNEL names another
+PRIVATE_KERNEL = Path(os.environ.get("ORVANTA_UML_DIR", "/opt/orvanta-uml")) / KERNEL
 RUN_DIR = Path("/tmp/orvanta-uml")
 TAG = "orvanta.uml="
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +152,7 @@ class Guest:
         with open(self.console, "wb") as console:
             self.proc = subprocess.Popen(
                 [
-                    shutil.which(KERNEL) or KERNEL,
+                    kernel() or KERNEL,
                     f"mem={options.mem}",
                     "rootfstype=hostfs",
                     "rootflags=/",
@@ -338,7 +341,7 @@ class UmlPlatform:
     # -- the run: no guest outlives it ---------------------------------------------------------
     @classmethod
     def unavailable(cls) -> str | None:
-        if shutil.which(KERNEL) is None:
+        if kernel() is None:
             return f"no {KERNEL}: install Debian's user-mode-linux (scripts/setup does)"
         return None
 
@@ -415,6 +418,16 @@ class UmlPlatform:
         if self.guest is not None:
             self.guest.close()
             self.guest = None
+
+
+def kernel() -> str | None:
+    """The UML kernel to boot: ORVANTA_UML_KERNEL, else scripts/uml-kernel's, else Debian's."""
+    named = os.environ.get("ORVANTA_UML_KERNEL")
+    if named:
+        return named
+    if os.access(PRIVATE_KERNEL, os.X_OK):
+        return str(PRIVATE_KERNEL)
+    return shutil.which(KERNEL)
 
 
 def session_dir() -> Path:

@@ -55,6 +55,9 @@ def test_the_matrix_platforms_load_as_typed_specs() -> None:
         ("host-x", {"driver": "host", "cap_add": ["ALL"]}, "cap_add", "not a key of host"),
         ("host-x", {"driver": "host", "mode": "agnet"}, "mode", "'worker', 'agent'"),
         ("host-x", {"driver": "host", "server": "unix"}, "server", "add mode: agent"),
+        ("host-x", {"driver": "host", "limits": {"cpu_secs": 3}}, "limits.cpu_secs", "one of"),
+        ("host-x", {"driver": "host", "limits": {"cpu_seconds": 0}}, "limits.cpu_seconds", ">= 1"),
+        ("host-x", {"driver": "host", "limits": [3]}, "limits", "a mapping"),
     ],
 )
 def test_a_bad_platform_names_itself_its_key_and_the_fix(
@@ -68,6 +71,15 @@ def test_a_bad_platform_names_itself_its_key_and_the_fix(
         load(path)
     assert f"{path}: platforms.{platform}.{where}: " in str(caught.value)
     assert says in str(caught.value)
+
+
+def test_a_platforms_limits_replace_the_matrix_limits_for_its_cells_alone() -> None:
+    """The UML guests' CPU time runs 7x the host's: their jobs get more of it, no one else."""
+    matrix = load(MATRIX)
+    by_platform = {cell.platform: cell for cell in matrix.cells}
+    uml, host = by_platform["uml-cgroup2"], by_platform["host"]
+    assert matrix.limits_for(uml) == {**matrix.limits, "cpu_seconds": 3}
+    assert matrix.limits_for(host) == matrix.limits
 
 
 def test_a_platform_without_a_driver_key_is_the_driver_of_its_name() -> None:

@@ -25,7 +25,6 @@ PACKAGES = {
     "ip": "iproute2",
     "job-python": "python3",
     "psutil": "python3-psutil",
-    "pyroute2": "python3-pyroute2",
     "venv": "python3-venv",
     "bwrap": "bubblewrap",
     "debootstrap": "debootstrap",
@@ -90,7 +89,7 @@ class World:
     def present(self) -> None:
         """Everything but the engine, the browser and the platform tools."""
         self.tools("unshare", "tini", "ps", "ip", "bwrap", "debootstrap", "pg_ctlcluster")
-        self.python("psutil", "pyroute2", "ensurepip, venv")
+        self.python("psutil", "ensurepip, venv")
 
     def decide(self) -> dict[str, tuple[str, str]]:
         env = {
