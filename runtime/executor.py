@@ -207,8 +207,10 @@ class JobRunner:
             finally:
                 if cgroup is not None:
                     cgroup.remove()
-        exit_code, stopped, stdout, stderr, notes = outcome
+        exit_code, stopped, stdout, stderr, notes, cpu = outcome
         job_log.extend(notes)
+        if backend.rlimits and not stopped:
+            job_log.extend(_cpu_limit_note(exit_code, cpu, settings.limits.cpu_seconds))
         if stopped:
             status = "canceled" if cancel is not None and cancel.requested else "timeout"
             why = "canceled" if status == "canceled" else f"timed out after {timeout:g}s"
@@ -258,7 +260,7 @@ class JobRunner:
         job: PreparedJob,
         cgroup: JobCgroup | None,
         cancel: Cancellation | None,
-    ) -> tuple[int, bool, str, str, list[str]]:
+    ) -> tuple[int, bool, str, str, list[str], float | None]:
         # No preexec_fn: it would force a full fork of the worker for every job. The child is
         # born in the job's cgroup and at the job's OOM score because the worker takes both on
         # for the spawn; every process of the job inherits them, with no race.
@@ -285,14 +287,31 @@ class JobRunner:
         try:
             out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
         finally:
-            survivors, escaped = _kill_job(proc, cgroup, spared)
+            survivors, escaped, cpu = _kill_job(proc, cgroup, spared)
         notes = [n for n in (out.note("stdout"), err.note("stderr")) if n]
         if survivors:
             notes.append(f"killed {survivors} leftover process(es) of the job")
         notes.extend(escaped.notes())
         code = proc.returncode
         exit_code = 128 - code if code < 0 else code
-        return exit_code, stopped, out.text(), err.text(), notes
+        return exit_code, stopped, out.text(), err.text(), notes, cpu
+
+
+def _cpu_limit_note(exit_code: int, cpu: float | None, limit: int) -> list[str]:
+    """Why a job died of SIGKILL or SIGXCPU with nothing to say: the kernel's RLIMIT_CPU.
+
+    `cpu` sums the main process and every descendant it waited for; one process past the
+    limit puts the sum past it too (several below it may as well: hence "probably").
+    """
+    if exit_code not in (128 + signal.SIGKILL, 128 + signal.SIGXCPU) or cpu is None:
+        return []
+    if cpu < limit * 0.98:  # the kernel checks at tick granularity, rusage is finer
+        return []
+    name = signal.Signals(exit_code - 128).name
+    return [
+        f"cpu limit: killed by {name} (exit {exit_code}) after {cpu:.2f} s of CPU time, probably "
+        f"the limit: each process of a job may use {limit} s (ORVANTA_JOB_CPU_SECONDS, RLIMIT_CPU)"
+    ]
 
 
 def _job_env(spec: JobSpec, home: str) -> dict[str, str]:
@@ -409,7 +428,7 @@ def _collect(
                     break
                 wait = deadline - now if exited_at is None else EXIT_GRACE
                 if pidfd is None and exited_at is None:
-                    if proc.poll() is not None:  # no pidfd (gVisor): asked, at most every 20 ms
+                    if _has_exited(proc):  # no pidfd (gVisor): asked, at most every 20 ms
                         exited_at = now
                         continue
                     wait = min(wait, EXIT_POLL)
@@ -445,21 +464,45 @@ def _pidfd(pid: int) -> int | None:
 
 def _kill_job(
     proc: subprocess.Popen[bytes], cgroup: JobCgroup | None, spared: frozenset[int]
-) -> tuple[int, reaper.Orphans]:
+) -> tuple[int, reaper.Orphans, float | None]:
     """No process of the job survives it (R-JOB-3): its cgroup is emptied, then whatever left
     the cgroup is found among the worker's adopted orphans (R-HOST-5). Returns how many
-    processes the cgroup still held, and the orphans."""
+    processes the cgroup still held, the orphans, and the main process's CPU time."""
     survivors = 0
-    if proc.poll() is None:
+    if not _has_exited(proc):
         _killpg(proc.pid)
     if cgroup is not None:
         survivors = cgroup.kill_all()
     else:
         _killpg(proc.pid)
-    proc.wait()
+    cpu = _reap(proc)
     orphans = reaper.kill_orphans(outside_cgroup=cgroup is not None, spared=spared)
     _drain(proc)
-    return survivors, orphans
+    return survivors, orphans, cpu
+
+
+def _has_exited(proc: subprocess.Popen[bytes]) -> bool:
+    """The main process has ended; left unreaped, so that _reap gets its CPU time."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> float | None:
+    """Wait for the main process (its status to proc.returncode); the CPU seconds of it and
+    of every descendant it waited for (a launcher's: the job's), None if already reaped."""
+    if proc.returncode is not None:
+        return None
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:
+        proc.wait()
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _killpg(pgid: int) -> None:

@@ -74,6 +74,7 @@ class Backend(Protocol):
     name: ClassVar[str]
     on_the_page: ClassVar[bool]  # one of the page's three levels; else this runtime's own
     own_cgroups: ClassVar[bool]  # makes cgroups of its own below the job's (limits, R-TBL-RES)
+    rlimits: ClassVar[bool]  # applies the job limits as rlimits (ORVANTA_JOB_CPU_SECONDS...)
     own_mounts: ClassVar[bool]  # mounts in a namespace of its own: may bind a volume by path
 
     @classmethod

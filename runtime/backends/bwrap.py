@@ -113,6 +113,7 @@ class Bubblewrap:
     name: ClassVar[str] = "bwrap"
     on_the_page: ClassVar[bool] = False
     own_cgroups: ClassVar[bool] = False
+    rlimits: ClassVar[bool] = True  # prlimit
     own_mounts: ClassVar[bool] = False  # unprivileged: it binds only what its ids can reach
 
     @classmethod

@@ -13,6 +13,7 @@ class NoIsolation:
     name: ClassVar[str] = "none"
     on_the_page: ClassVar[bool] = True
     own_cgroups: ClassVar[bool] = False
+    rlimits: ClassVar[bool] = False
     own_mounts: ClassVar[bool] = False
 
     @classmethod

@@ -147,6 +147,7 @@ class Nsjail:
     name: ClassVar[str] = "nsjail"
     on_the_page: ClassVar[bool] = True
     own_cgroups: ClassVar[bool] = True
+    rlimits: ClassVar[bool] = True
     own_mounts: ClassVar[bool] = True
 
     @classmethod

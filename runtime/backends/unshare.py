@@ -165,6 +165,7 @@ class PidNamespace:
     name: ClassVar[str] = "unshare"
     on_the_page: ClassVar[bool] = True
     own_cgroups: ClassVar[bool] = False
+    rlimits: ClassVar[bool] = False
     own_mounts: ClassVar[bool] = False  # its jobs reach the job dir by its host path
 
     @classmethod
