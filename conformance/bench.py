@@ -57,8 +57,8 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.release()}",
     }
+    postgres = bench_queue.postgres_url(settings.database_url)
     if args.queue:
-        postgres = bench_queue.postgres_url(settings.database_url)
         results = {**header, **bench_queue.run(args, postgres)}
         return _emit(results, args, bench_queue.markdown)
     backends = list(BACKEND_ENV) if args.backend == "all" else [args.backend]
@@ -82,12 +82,13 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
                 f"raw {row['raw_ms']['median']:7.2f} ms  ratio {row['ratio']:.2f}  "
                 f"overhead {row['overhead_ms']:+.2f} ms"
             )
-        row = throughput(backend, args.throughput_jobs)
-        results["throughput"].append(row)
-        _progress(
-            f"{backend:8} throughput {row['worker_jobs_per_s']:6.1f} jobs/s, raw ceiling "
-            f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})"
-        )
+        for row in throughput(backend, args.throughput_jobs, postgres):
+            results["throughput"].append(row)
+            _progress(
+                f"{backend:8} throughput {row['worker_jobs_per_s']:6.1f} jobs/s "
+                f"({row['database']}, {row['workers']} worker(s)), raw ceiling "
+                f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})"
+            )
     return _emit(results, args, markdown)
 
 
@@ -237,39 +238,86 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
     return command
 
 
-def throughput(backend: str, jobs: int) -> dict[str, Any]:
-    """Trivial Bash jobs/s through the queue for one `orvanta worker`, and the raw tool's rate."""
+def throughput(backend: str, jobs: int, postgres: str | None = None) -> list[dict[str, Any]]:
+    """Trivial Bash jobs/s through the queue, against the raw tool's rate: one worker on
+    SQLite, and one and two workers on PostgreSQL when DATABASE_URL names one."""
+    raw_rate = raw_jobs_per_s(backend, jobs)
+    setups = [("sqlite", 1)] + ([("postgresql", 1), ("postgresql", 2)] if postgres else [])
+    rows = []
+    for database, workers in setups:
+        with bench_queue.scratch_url(database, postgres) as url:
+            rate = worker_jobs_per_s(backend, jobs, url, workers)
+        rows.append(
+            {
+                "backend": backend,
+                "database": database,
+                "workers": workers,
+                "jobs": jobs,
+                "worker_jobs_per_s": round(rate, 1),
+                "raw_jobs_per_s": round(raw_rate, 1),
+                "share": round(rate / raw_rate, 3),
+            }
+        )
+    return rows
+
+
+def worker_jobs_per_s(backend: str, jobs: int, database_url: str | None, workers: int) -> float:
+    """`workers` `orvanta worker` processes on one queue (SQLite in the first one's state dir
+    without a URL); counted from the moment the last of them pulls jobs."""
+    from runtime.queue import JobQueue  # not at import: `orvanta` loads this for every command
+
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
         let_jobs_through(Path(tmp))
-        env = {**os.environ, **bench_env(backend, tmp)}
-        from runtime.queue import JobQueue  # not at import: `orvanta` loads this for every command
-
-        queue = JobQueue.in_state_dir(Path(tmp) / "state")
+        queue = JobQueue.open(database_url, Path(tmp) / "state-0")
         ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "worker"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        procs, logs = [], []
         try:
-            assert worker.stderr is not None
-            for line in worker.stderr:  # start-up is not part of the rate
-                if "pulling jobs" in line:
-                    break
+            for n in range(workers):
+                env = {**os.environ, **bench_env(backend, tmp)}
+                env.update(ORVANTA_STATE_DIR=f"{tmp}/state-{n}", ORVANTA_JOBS_DIR=f"{tmp}/jobs-{n}")
+                env.pop("DATABASE_URL", None)  # the bench's own is not this queue
+                if database_url:
+                    env["DATABASE_URL"] = database_url
+                log = Path(tmp) / f"worker-{n}.log"  # a file: a full pipe would stall it
+                with open(log, "wb") as out:
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "runtime.cli", "worker", "--name", f"b{n}"],
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL,
+                            stderr=out,
+                        )
+                    )
+                logs.append(log)
+            while not all("pulling jobs" in log.read_text(errors="replace") for log in logs):
+                for proc, log in zip(procs, logs, strict=True):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"bench worker exited at start: {log.read_text()}")
+                time.sleep(0.005)  # start-up is not part of the rate
+            done_before = queue.counts().get("done", 0)
             started = time.monotonic()
             queue.wait(ids[-1], 300, poll=0.005)
+            while queue.counts().get("done", 0) < jobs and time.monotonic() - started < 300:
+                time.sleep(0.005)  # with two workers the last submitted is not the last done
             elapsed = time.monotonic() - started
-            done = queue.counts().get("done", 0)
+            done: int = queue.counts().get("done", 0) - done_before
         finally:
-            worker.terminate()
-            worker.wait(30)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(30)
             queue.close()
+    return done / elapsed
+
+
+def raw_jobs_per_s(backend: str, jobs: int) -> float:
+    """The raw tool launching the same job `jobs` times, one after another."""
+    with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
+        let_jobs_through(Path(tmp))
         settings = Settings.from_env(bench_env(backend, tmp))
         raw = raw_command(backend, "bash", settings, Path(tmp))
-        raw_started = time.monotonic()
+        started = time.monotonic()
         for _ in range(jobs):
             subprocess.run(
                 raw,
@@ -278,15 +326,7 @@ def throughput(backend: str, jobs: int) -> dict[str, Any]:
                 stderr=subprocess.DEVNULL,
                 check=True,
             )
-        raw_elapsed = time.monotonic() - raw_started
-    worker_rate, raw_rate = done / elapsed, jobs / raw_elapsed
-    return {
-        "backend": backend,
-        "jobs": jobs,
-        "worker_jobs_per_s": round(worker_rate, 1),
-        "raw_jobs_per_s": round(raw_rate, 1),
-        "share": round(worker_rate / raw_rate, 3),
-    }
+        return jobs / (time.monotonic() - started)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -310,11 +350,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"({f['guarded_ms']['p95']:.2f}) | {f['raw_ms']['median']:.2f} ms "
             f"({f['raw_ms']['p95']:.2f}) | {f['ratio']:.2f}x | {f['overhead_ms']:+.2f} ms |"
         )
-    lines += ["", "| backend | worker jobs/s | raw tool jobs/s | share |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| backend | queue | workers | worker jobs/s | raw tool jobs/s | share |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in results["throughput"]:
         lines.append(
-            f"| {t['backend']} | {t['worker_jobs_per_s']} | {t['raw_jobs_per_s']} | "
-            f"{t['share']:.0%} |"
+            f"| {t['backend']} | {t['database']} | {t['workers']} | {t['worker_jobs_per_s']} | "
+            f"{t['raw_jobs_per_s']} | {t['share']:.0%} |"
         )
     return "\n".join(lines)
 

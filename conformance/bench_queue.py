@@ -94,17 +94,32 @@ def scratch(kind: str, database_url: str | None) -> Iterator[Database]:
             yield sqlite
             sqlite.close()
         return
+    with scratch_url(kind, database_url) as url:
+        assert url
+        db = PostgresDatabase(url)
+        try:
+            yield db
+        finally:
+            db.close()
+
+
+@contextlib.contextmanager
+def scratch_url(kind: str, database_url: str | None) -> Iterator[str | None]:
+    """For workers of their own: None (SQLite in a state dir), or the URL of a fresh schema
+    in DATABASE_URL's database, dropped afterwards."""
+    if kind == "sqlite":
+        yield None
+        return
+    from runtime.database import PostgresDatabase
+
     assert database_url
     schema = f"orvanta_bench_{secrets.token_hex(4)}"
     admin = PostgresDatabase(database_url)
     admin.execute(f"CREATE SCHEMA {schema}")
     joiner = "&" if "?" in database_url else "?"
-    path = urllib.parse.quote(f"-csearch_path={schema}")
-    db = PostgresDatabase(f"{database_url}{joiner}options={path}")
     try:
-        yield db
+        yield f"{database_url}{joiner}options={urllib.parse.quote(f'-csearch_path={schema}')}"
     finally:
-        db.close()
         admin.execute(f"DROP SCHEMA {schema} CASCADE")
         admin.close()
 

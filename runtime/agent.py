@@ -113,6 +113,10 @@ class AgentClient:
     def renew(self, job_id: str, worker: str, lease: float) -> bool:
         return bool(self._beat(job_id, worker, lease)["held"])
 
+    def release(self, job_id: str, worker: str) -> bool:
+        answer = self._call("POST", f"/api/agent/jobs/{job_id}/release", {"worker": worker})
+        return bool(answer["released"])
+
     def cancel_requested(self, job_id: str) -> bool:
         answer: dict[str, Any] = self._call("GET", f"/api/agent/jobs/{job_id}/cancel")
         return bool(answer["cancel"])

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from dataclasses import replace
 from types import FrameType
 from typing import Protocol
@@ -20,8 +19,9 @@ from typing import Protocol
 from runtime import idmap
 from runtime.backends import BACKEND_NAMES, backend_class
 from runtime.capabilities import HostCapabilities
-from runtime.executor import Cancellation, JobRunner
+from runtime.executor import JobRunner
 from runtime.jobs import JobResult, JobSpec
+from runtime.pipeline import Held, QueueLink
 from runtime.selection import IsolationUnavailableError, select_isolation
 from runtime.settings import JOB_ISOLATION_VALUES, Settings
 from runtime.startup import probe_host
@@ -29,10 +29,6 @@ from runtime.startup import probe_host
 log = logging.getLogger("orvanta.worker")
 
 WORKER_OOM_SCORE_ADJ = -900
-IDLE_POLL_SECONDS = 0.02  # first wait after finding the queue empty; doubles while it stays so
-IDLE_POLL_MAX_SECONDS = 0.2  # an idle worker (or agent, over HTTP) asks at most 5 times a second
-CANCEL_POLL_SECONDS = 0.25
-HEARTBEAT_SECONDS = 2.0
 
 
 class JobSource(Protocol):
@@ -43,6 +39,8 @@ class JobSource(Protocol):
     def claim(self, worker: str, lease: float, tags: tuple[str, ...]) -> JobSpec | None: ...
 
     def renew(self, job_id: str, worker: str, lease: float) -> bool: ...
+
+    def release(self, job_id: str, worker: str) -> bool: ...
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
@@ -121,7 +119,7 @@ def protect_from_oom() -> None:
 
 
 class Worker:
-    """Pulls jobs from the queue one at a time until told to stop."""
+    """Runs jobs one at a time until told to stop; its QueueLink claims them ahead."""
 
     def __init__(self, runner: JobRunner, queue: JobSource, name: str | None = None) -> None:
         self.runner = runner
@@ -132,7 +130,6 @@ class Worker:
         self._active = runner.settings.job_isolation
         self._rejected: str | None = None
         self.tags = runner.settings.worker_tags
-        self._beat = 0.0
         self.failed = False  # stopped by an error no retry can fix
 
     def install_signal_handlers(self) -> None:
@@ -148,89 +145,61 @@ class Worker:
         signal.signal(signal.SIGINT, stop)
 
     def serve(self, max_jobs: int | None = None) -> int:
-        """Run jobs until stopped (or `max_jobs` done); returns how many ran."""
+        """Run jobs until stopped (or `max_jobs` done); returns how many ran.
+
+        Everything the queue is told or asked goes through one runtime.pipeline.QueueLink
+        thread, so the next job is claimed while this one runs and its result is recorded
+        while the next one runs.
+        """
         done = 0
-        idle = IDLE_POLL_SECONDS
         log.info("worker %s: pulling jobs from %s", self.name, self.queue.path)
-        while not self.stopping.is_set() and (max_jobs is None or done < max_jobs):
-            self._heartbeat()
-            try:
-                spec = self.queue.claim(self.name, self.lease, self.tags)
-            except Exception as exc:  # the database or server is away: wait, never crash
-                if getattr(exc, "fatal", False):  # e.g. the agent's token was rotated
-                    log.error("worker %s: stopping: %s", self.name, exc)
-                    self.failed = True
+        link = QueueLink(
+            self.queue,
+            self.name,
+            self.lease,
+            lambda: self.tags,
+            self._current_settings,
+            self._heartbeat,
+            max_jobs,
+        )
+        try:
+            while not self.stopping.is_set():
+                held = link.take(self.stopping)
+                if held is None:
                     break
-                log.error("worker %s: cannot claim a job (%s); retrying in 1s", self.name, exc)
-                self.stopping.wait(1.0)
-                continue
-            if spec is None:
-                self.stopping.wait(idle)
-                idle = min(idle * 2, IDLE_POLL_MAX_SECONDS)
-                continue
-            idle = IDLE_POLL_SECONDS
-            result = self._run_with_lease(spec, self._current_settings())
-            self._complete(result)
-            log.info(
-                "job %s: %s exit=%s isolation=%s in %.3fs",
-                result.job_id,
-                result.status,
-                result.exit_code,
-                result.isolation,
-                result.duration,
-            )
-            done += 1
+                result = self._run(held)
+                link.post(held, result, last=self.stopping.is_set())
+                log.info(
+                    "job %s: %s exit=%s isolation=%s in %.3fs",
+                    result.job_id,
+                    result.status,
+                    result.exit_code,
+                    result.isolation,
+                    result.duration,
+                )
+                done += 1
+        finally:
+            link.close()
+        if link.fatal is not None:
+            self.failed = True
         return done
 
     def _heartbeat(self) -> None:
         """Tell the queue which tags this worker serves, so unserved tags are reported."""
-        if time.monotonic() - self._beat < HEARTBEAT_SECONDS:
-            return
-        self._beat = time.monotonic()
         try:
             self.queue.heartbeat(self.name, self.runner.settings.mode, self.tags, None)
         except Exception as exc:
             log.warning("worker %s: heartbeat failed: %s", self.name, exc)
 
-    def _complete(self, result: JobResult) -> None:
-        """Record the result; retried while the queue is away and the lease may still hold."""
-        end = time.monotonic() + self.lease
-        while True:
-            try:
-                if not self.queue.complete(result, self.name):
-                    log.warning(
-                        "job %s: lease lost before completion; result dropped", result.job_id
-                    )
-                return
-            except Exception as exc:
-                status = getattr(exc, "status", 0)
-                if status in (413, 422) and result.stdout + result.stderr:
-                    # the server will never take this record: report that instead, once
-                    log.error("job %s: the server refused the result: %s", result.job_id, exc)
-                    why = f"error: the server refused the job's result ({exc})"
-                    result = JobResult(
-                        result.job_id,
-                        result.isolation,
-                        "error",
-                        result.exit_code,
-                        result.duration,
-                        "",
-                        "",
-                        [*result.log, why],
-                    )
-                    continue
-                if time.monotonic() > end:
-                    log.error(
-                        "job %s: cannot record the result (%s); the job runs again elsewhere "
-                        "once its lease expires",
-                        result.job_id,
-                        exc,
-                    )
-                    return
-                log.warning(
-                    "job %s: cannot record the result yet (%s); retrying", result.job_id, exc
-                )
-                time.sleep(0.5)
+    def _run(self, held: Held) -> JobResult:
+        """Run one job; its lease and cancel are the link's. A job error never stops the worker."""
+        try:
+            return self.runner.run(held.spec, held.settings, cancel=held.cancel)
+        except Exception as exc:
+            log.exception("job %s: the worker could not run it", held.spec.id)
+            return JobResult(
+                held.spec.id, "unknown", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
+            )
 
     def _current_settings(self) -> Settings:
         """The worker's settings with the live job_isolation instance setting (R-SEL-7).
@@ -273,46 +242,3 @@ class Worker:
                     self.runner.caps.of("nsjail").detail,
                 )
         return current
-
-    def _run_with_lease(self, spec: JobSpec, settings: Settings) -> JobResult:
-        """Run the job while a thread renews its lease and watches for a cancel request.
-
-        A job error never stops the worker.
-        """
-        finished = threading.Event()
-        cancel = Cancellation()
-
-        def keep_lease() -> None:
-            renewed = time.monotonic()
-            while not finished.wait(CANCEL_POLL_SECONDS):
-                if time.monotonic() - renewed > self.lease / 3:  # the lease first
-                    try:
-                        if not self.queue.renew(spec.id, self.name, self.lease):
-                            log.error("job %s: lease lost (taken over); stopping it", spec.id)
-                            cancel.set()
-                        renewed = time.monotonic()
-                    except Exception as exc:  # keep the job running while the lease may hold
-                        log.warning("job %s: cannot reach the queue to renew: %s", spec.id, exc)
-                        if time.monotonic() - renewed > self.lease:
-                            log.error("job %s: lease expired unrenewed; stopping it", spec.id)
-                            cancel.set()
-                try:
-                    if self.queue.cancel_requested(spec.id):
-                        cancel.set()
-                except Exception as exc:
-                    log.warning("job %s: cannot ask the queue for a cancel: %s", spec.id, exc)
-                self._heartbeat()  # a busy worker still serves its tags
-
-        keeper = threading.Thread(target=keep_lease, name=f"lease-{spec.id}", daemon=True)
-        keeper.start()
-        try:
-            return self.runner.run(spec, settings, cancel=cancel)
-        except Exception as exc:
-            log.exception("job %s: the worker could not run it", spec.id)
-            return JobResult(
-                spec.id, "unknown", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
-            )
-        finally:
-            finished.set()
-            keeper.join()
-            cancel.close()

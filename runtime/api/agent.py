@@ -73,6 +73,14 @@ def agent_job_heartbeat(
     return {"held": held, "cancel": held and claims.cancel_requested(job_id)}
 
 
+@router.post("/jobs/{job_id}/release")
+def agent_release(
+    job_id: JobId, body: AgentWorker, group: AgentGroup, claims: Claims
+) -> dict[str, bool]:
+    """A job the agent claimed ahead and will not run (it is stopping): queued again."""
+    return {"released": claims.release(job_id, qualified(group, body.worker))}
+
+
 @router.get("/jobs/{job_id}/cancel", responses={404: {}})
 def agent_cancel(job_id: JobId, group: AgentGroup, claims: Claims) -> dict[str, bool]:
     if not claims.held_by_group(job_id, group.name):

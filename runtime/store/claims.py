@@ -85,6 +85,17 @@ class ClaimStore(Store):
         )
         return changed == 1
 
+    def release(self, job_id: str, worker: str) -> bool:
+        """Hand back a job claimed but never started (a worker's prefetch): queued again, its
+        claim's attempt undone; False when the job is no longer this worker's."""
+        changed = self.db.execute(
+            f"""UPDATE {HOT} SET status='queued', worker=NULL, worker_group=NULL,
+                       attempts=attempts-1, lease_until=NULL
+                WHERE id=? AND worker=? AND status='running'""",
+            (job_id, worker),
+        )
+        return changed == 1
+
     def cancel_requested(self, job_id: str) -> bool:
         rows = self.db.query(by_id("cancel"), (job_id, job_id))
         return bool(rows and rows[0][0])

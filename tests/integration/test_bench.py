@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,14 @@ from cli_helpers import ROOT
 
 
 def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
+    """Throughput on SQLite, and through PostgreSQL with one and two workers where it runs."""
+    from conformance.service import postgres_unavailable, postgres_url
+
     out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    postgres = None if postgres_unavailable() else postgres_url()
+    if postgres:
+        env["DATABASE_URL"] = postgres
     proc = subprocess.run(
         [
             sys.executable,
@@ -30,6 +38,7 @@ def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
             "--markdown",
         ],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -48,6 +57,8 @@ def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
         )
     floor = results["floor"]
     assert floor["guarded_ms"]["median"] > 0 and floor["raw_ms"]["median"] > 0
-    (throughput,) = results["throughput"]
-    assert throughput["backend"] == "none" and throughput["share"] > 0
+    setups = [(row["database"], row["workers"]) for row in results["throughput"]]
+    assert setups == [("sqlite", 1)] + ([("postgresql", 1), ("postgresql", 2)] if postgres else [])
+    for row in results["throughput"]:
+        assert row["backend"] == "none" and row["share"] > 0
     assert "(floor: guarantees only)" in proc.stdout and "| none | bash |" in proc.stdout

@@ -209,6 +209,44 @@ def test_cancel_a_queued_job_means_it_never_runs(
     assert not trace.exists()
 
 
+@pytest.mark.req("R-JOB-5")
+def test_a_job_claimed_ahead_never_waits_long_behind_a_long_one(
+    start_worker: Callable[..., WorkerProcess], queue: JobQueue
+) -> None:
+    """A worker claims the next job while one runs (runtime.pipeline); behind a long job it
+    hands that one back, so an idle worker runs it long before the long job ends."""
+    start_worker("w-a")
+    long_id = queue.submit("python3", "import time\ntime.sleep(4)\n")
+    wait_status(queue, long_id, "running")
+    quick = queue.submit("python3", "print('quick')\n")
+    wait_status(queue, quick, "running", timeout=0.4)  # w-a claims it ahead, alone
+    start_worker("w-b")
+    done = queue.wait(quick, 20)
+    assert done.result is not None and done.result.stdout == "quick\n"
+    assert worker_of(queue, quick) == "w-b" and done.attempts == 1  # the hand-back undid one
+    still = queue.get(long_id)
+    assert still is not None and still.status == "running", "the quick job waited for it"
+    assert queue.wait(long_id, 20).result is not None
+
+
+@pytest.mark.req("R-JOB-5")
+def test_a_stopping_worker_hands_back_the_job_it_claimed_ahead(
+    start_worker: Callable[..., WorkerProcess], queue: JobQueue
+) -> None:
+    worker = start_worker("w-a")
+    first = queue.submit("python3", "import time\ntime.sleep(1)\nprint('first')\n")
+    wait_status(queue, first, "running")
+    second = queue.submit("python3", "print('second')\n")
+    wait_status(queue, second, "running", timeout=0.4)  # claimed ahead, behind `first`
+    worker.proc.send_signal(signal.SIGTERM)  # the hold (0.5 s) or the stop hands it back
+    assert worker.proc.wait(20) == 0, worker.output()
+    done = queue.get(first)
+    assert done is not None and done.result is not None and done.result.stdout == "first\n"
+    back = queue.get(second)
+    assert back is not None and (back.status, back.attempts, back.worker) == ("queued", 0, None)
+    assert f"job {second}: handed back to the queue unstarted" in worker.output()
+
+
 @pytest.fixture
 def cleanup_job(state_dir: Path) -> Iterator[list[str]]:
     """Job ids whose tracking cgroup and tmpfs job dir a killed worker may have left behind

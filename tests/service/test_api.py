@@ -111,6 +111,10 @@ def test_a_group_token_reaches_only_its_own_groups_jobs(service: Service) -> Non
         "POST", f"/api/agent/jobs/{job_b}/heartbeat", {"worker": "y"}, token=token_a
     )
     assert beat == {"held": False, "cancel": False}
+    status, back = service.call(
+        "POST", f"/api/agent/jobs/{job_b}/release", {"worker": "y"}, token=token_a
+    )
+    assert back == {"released": False}  # nor hand it back to the queue
     forged = {
         "isolation": "none",
         "status": "success",

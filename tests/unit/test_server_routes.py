@@ -91,6 +91,24 @@ def test_an_agent_asking_about_another_groups_job_or_an_unknown_setting_gets_404
     assert answer.status_code == 404 and "known: job_isolation" in answer.json()["detail"]
 
 
+@pytest.mark.req("R-AGT-2")
+def test_an_agent_hands_back_only_a_job_its_own_worker_holds(
+    client: TestClient, queue: JobQueue
+) -> None:
+    """What a stopping agent does with the job it claimed ahead (runtime.pipeline)."""
+    mine = {"Authorization": f"Bearer {queue.create_group('a', ('a',))}"}
+    job_id = queue.submit("bash", "echo a", tag="a")
+    claimed = call(client, "POST", "/api/agent/claim", {"worker": "w"}, headers=mine).json()
+    assert claimed["job"]["id"] == job_id
+    release = f"/api/agent/jobs/{job_id}/release"
+    assert call(client, "POST", release, {"worker": "v"}, headers=mine).json() == {
+        "released": False
+    }
+    assert call(client, "POST", release, {"worker": "w"}, headers=mine).json() == {"released": True}
+    job = queue.get(job_id)
+    assert job is not None and (job.status, job.attempts) == ("queued", 0)
+
+
 def test_canceling_twice_says_done_and_is_not_an_error(client: TestClient, queue: JobQueue) -> None:
     job_id = queue.submit("bash", "echo hi")
     first = call(client, "POST", f"/api/jobs/{job_id}/cancel").json()
@@ -110,7 +128,7 @@ def routes(client: TestClient) -> list[tuple[str, str]]:
 
 
 def test_every_route_but_health_needs_a_token(client: TestClient) -> None:
-    assert len(routes(client)) == 19
+    assert len(routes(client)) == 20
     for method, path in routes(client):
         answer = call(client, method, path, headers={"Authorization": ""})
         assert answer.status_code == 401, (method, path, answer.text)

@@ -116,6 +116,26 @@ def test_a_queue_of_an_older_release_is_migrated_in_place(
     queue.close()
 
 
+@pytest.mark.req("R-JOB-5")
+def test_a_released_job_is_queued_again_as_if_never_claimed(queue: JobQueue) -> None:
+    """A worker's prefetch handed back: the next claim takes it, at its first attempt."""
+    first, second = queue.submit("bash", "true\n"), queue.submit("bash", "true\n")
+    claimed = queue.claim("w-a", 30)
+    assert claimed is not None and claimed.id == first
+    assert not queue.release(first, "w-b")  # not w-b's to hand back
+    assert queue.release(first, "w-a")
+    assert not queue.release(first, "w-a")  # once
+    job = queue.get(first)
+    assert job is not None
+    assert (job.status, job.attempts, job.worker) == ("queued", 0, None)
+    again = queue.claim("w-b", 30)
+    assert again is not None and again.id == first  # still the oldest: ahead of `second`
+    assert queue.complete(JobResult(first, "none", "success", 0, 0.0, "", "", []), "w-b")
+    done = queue.get(first)
+    assert done is not None and (done.attempts, done.worker) == (1, "w-b")
+    assert second != first
+
+
 def test_the_stores_method_names_are_disjoint() -> None:
     """JobQueue joins the stores by inheritance: a shared name would hide one silently."""
     seen: dict[str, str] = {}

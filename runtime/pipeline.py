@@ -1,0 +1,319 @@
+"""The worker's side of the queue, off the job's critical path: one thread for all of it.
+
+While a job runs, this thread records the previous job's result, claims the next
+job (a prefetch of one), renews the lease of every job the worker holds, asks the
+queue for cancels and beats the worker's heartbeat. The job loop only takes a
+claimed job and hands back its result, so neither a claim nor a result sits
+between one job's end and the next one's spawn.
+
+Prefetch never keeps a job from an idle worker for long: the worker prefetches only
+while its current job is younger than PREFETCH_HOLD_SECONDS, and a prefetched job
+still waiting after that goes back to the queue (`release`, which undoes the claim's
+attempt). At stop, a prefetched job goes back the same way and the results not yet
+recorded are sent first, each for as long as its lease may still hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from runtime.executor import Cancellation
+from runtime.jobs import JobResult, JobSpec
+from runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from runtime.worker import JobSource
+
+log = logging.getLogger("orvanta.worker")
+
+IDLE_POLL_SECONDS = 0.02  # first wait after finding the queue empty; doubles while it stays so
+IDLE_POLL_MAX_SECONDS = 0.2  # an idle worker (or agent, over HTTP) asks at most 5 times a second
+CANCEL_POLL_SECONDS = 0.25
+HEARTBEAT_SECONDS = 2.0
+PREFETCH_HOLD_SECONDS = 0.5  # longest a prefetched job waits behind this worker's current one
+RESULT_RETRY_SECONDS = 0.5
+
+
+@dataclass
+class Held:
+    """A job this worker holds the lease of: prefetched, or running."""
+
+    spec: JobSpec
+    settings: Settings  # the worker's settings with job_isolation as read after the claim
+    claimed: float  # monotonic
+    cancel: Cancellation = field(default_factory=Cancellation)
+    started: float | None = None
+    renewed: float = 0.0
+    polled: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.renewed = self.polled = self.claimed
+
+
+@dataclass
+class Outgoing:
+    result: JobResult
+    deadline: float  # the lease may hold until then; later the job runs again elsewhere
+    retry_at: float = 0.0
+
+
+class QueueLink:
+    """Claims ahead, records behind, keeps leases: the only thread that talks to the queue
+    while the worker serves, so a source that is not thread-safe (one HTTP connection) is
+    used by one thread."""
+
+    def __init__(
+        self,
+        source: JobSource,
+        name: str,
+        lease: float,
+        tags: Callable[[], tuple[str, ...]],
+        settings_for: Callable[[], Settings],
+        heartbeat: Callable[[], None],
+        max_jobs: int | None = None,
+    ) -> None:
+        self.source, self.name, self.lease = source, name, lease
+        self._tags, self._settings_for, self._heartbeat = tags, settings_for, heartbeat
+        self._budget = max_jobs
+        self._cond = threading.Condition()
+        self._ready: deque[Held] = deque()
+        self._running: dict[str, Held] = {}
+        self._outbox: deque[Outgoing] = deque()
+        self._claiming = True
+        self._woken = False
+        self._next_claim = 0.0
+        self._idle = IDLE_POLL_SECONDS
+        self._beat = 0.0
+        self.fatal: Exception | None = None  # an error no retry fixes (a rotated agent token)
+        self._thread = threading.Thread(target=self._loop, name="queue-link", daemon=True)
+        self._thread.start()
+
+    # the job loop's side
+
+    def take(self, stopping: threading.Event) -> Held | None:
+        """The next claimed job; None once stopping, out of budget, or the source failed."""
+        with self._cond:
+            while not self._ready and not self._over():
+                if stopping.is_set():
+                    return None
+                self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
+            if not self._ready or stopping.is_set():
+                return None
+            held = self._ready.popleft()
+            held.started = time.monotonic()
+            self._running[held.spec.id] = held
+            self._wake()  # claim the one after it now
+            return held
+
+    def post(self, held: Held, result: JobResult, last: bool = False) -> None:
+        """The job's result, recorded by the link thread; the job loop goes on at once.
+        `last`: the worker is stopping, so nothing more is claimed."""
+        with self._cond:
+            self._claiming = self._claiming and not last
+            self._running.pop(held.spec.id, None)
+            held.cancel.close()
+            self._outbox.append(Outgoing(result, time.monotonic() + self.lease))
+            self._next_claim, self._idle = 0.0, IDLE_POLL_SECONDS
+            self._wake()
+
+    def close(self) -> None:
+        """Stop claiming, send every result (within its lease), hand prefetched jobs back."""
+        with self._cond:
+            self._claiming = False
+            self._wake()
+        self._thread.join()
+        for held in self._ready:
+            self._release(held, "the worker is stopping")
+            held.cancel.close()
+        self._ready.clear()
+
+    # the link thread
+
+    def _over(self) -> bool:
+        out_of_budget = self._budget is not None and self._budget <= 0
+        return self.fatal is not None or (out_of_budget and not self._running)
+
+    def _wake(self) -> None:
+        self._woken = True
+        self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            self._send_results()
+            with self._cond:
+                if not self._claiming and not self._outbox:
+                    return
+            self._claim_ahead()
+            self._keep_leases()
+            self._beat_heartbeat()
+            with self._cond:
+                if not self._woken:
+                    self._cond.wait(self._pause())
+                self._woken = False
+
+    def _pause(self) -> float:
+        now = time.monotonic()
+        pause = CANCEL_POLL_SECONDS
+        if self._outbox:
+            pause = min(pause, self._outbox[0].retry_at - now)
+        if self._wants_claim(now):
+            pause = min(pause, self._next_claim - now)
+        return max(pause, 0.0)
+
+    def _wants_claim(self, now: float) -> bool:
+        if not self._claiming or self.fatal is not None or self._ready:
+            return False
+        if self._budget is not None and self._budget <= 0:
+            return False
+        # prefetch only behind a short job: a long one would keep the next from idle workers
+        return all(
+            h.started is not None and now - h.started < PREFETCH_HOLD_SECONDS
+            for h in self._running.values()
+        )
+
+    def _claim_ahead(self) -> None:
+        with self._cond:
+            if not self._wants_claim(time.monotonic()) or time.monotonic() < self._next_claim:
+                return
+        try:
+            spec = self.source.claim(self.name, self.lease, self._tags())
+        except Exception as exc:  # the database or server is away: wait, never crash
+            if getattr(exc, "fatal", False):  # e.g. the agent's token was rotated
+                log.error("worker %s: stopping: %s", self.name, exc)
+                with self._cond:
+                    self.fatal = exc
+                    self._cond.notify_all()
+                return
+            log.error("worker %s: cannot claim a job (%s); retrying in 1s", self.name, exc)
+            self._next_claim = time.monotonic() + 1.0
+            return
+        if spec is None:
+            self._next_claim = time.monotonic() + self._idle
+            self._idle = min(self._idle * 2, IDLE_POLL_MAX_SECONDS)
+            return
+        self._idle = IDLE_POLL_SECONDS
+        held = Held(spec, self._settings_for(), time.monotonic())  # the live job_isolation
+        with self._cond:
+            if self._budget is not None:
+                self._budget -= 1
+            self._ready.append(held)
+            self._cond.notify_all()
+
+    def _keep_leases(self) -> None:
+        with self._cond:
+            held = [*self._ready, *self._running.values()]
+        for job in held:
+            now = time.monotonic()
+            if job.started is None and now - job.claimed > PREFETCH_HOLD_SECONDS:
+                with self._cond:
+                    if job not in self._ready:
+                        continue  # taken meanwhile
+                    self._ready.remove(job)
+                    if self._budget is not None:
+                        self._budget += 1
+                self._release(job, f"it waited {PREFETCH_HOLD_SECONDS:g}s behind a long job")
+                job.cancel.close()
+                continue
+            if now - job.renewed > self.lease / 3:
+                self._renew(job, now)
+            if now - job.polled >= CANCEL_POLL_SECONDS:
+                job.polled = now
+                try:
+                    if self.source.cancel_requested(job.spec.id):
+                        self._cancel(job)
+                except Exception as exc:
+                    log.warning("job %s: cannot ask the queue for a cancel: %s", job.spec.id, exc)
+
+    def _renew(self, job: Held, now: float) -> None:
+        try:
+            if not self.source.renew(job.spec.id, self.name, self.lease):
+                log.error("job %s: lease lost (taken over); stopping it", job.spec.id)
+                self._cancel(job)
+            job.renewed = now
+        except Exception as exc:  # keep the job running while the lease may hold
+            log.warning("job %s: cannot reach the queue to renew: %s", job.spec.id, exc)
+            if now - job.renewed > self.lease:
+                log.error("job %s: lease expired unrenewed; stopping it", job.spec.id)
+                self._cancel(job)
+
+    def _cancel(self, job: Held) -> None:
+        with self._cond:  # its pipe is closed once its result is posted
+            if job.spec.id in self._running or job in self._ready:
+                job.cancel.set()
+
+    def _release(self, job: Held, why: str) -> None:
+        try:
+            self.source.release(job.spec.id, self.name)
+            log.info("job %s: handed back to the queue unstarted: %s", job.spec.id, why)
+        except Exception as exc:
+            log.warning(
+                "job %s: cannot hand it back (%s); another worker takes it once its lease "
+                "expires in %gs",
+                job.spec.id,
+                exc,
+                self.lease,
+            )
+
+    def _send_results(self) -> None:
+        while True:
+            with self._cond:
+                if not self._outbox or self._outbox[0].retry_at > time.monotonic():
+                    return
+                out = self._outbox[0]
+            if self._send(out):
+                with self._cond:
+                    self._outbox.popleft()
+            else:
+                out.retry_at = time.monotonic() + RESULT_RETRY_SECONDS
+                return
+
+    def _send(self, out: Outgoing) -> bool:
+        """Record one result; True when done with it (recorded, refused for good, or late)."""
+        result = out.result
+        try:
+            if not self.source.complete(result, self.name):
+                log.warning("job %s: lease lost before completion; result dropped", result.job_id)
+            return True
+        except Exception as exc:
+            status = getattr(exc, "status", 0)
+            if getattr(exc, "fatal", False):  # no retry can send it (a rotated agent token)
+                log.error("job %s: cannot record the result: %s", result.job_id, exc)
+                return True
+            if status in (413, 422) and result.stdout + result.stderr:
+                # the server will never take this record: report that instead, once
+                log.error("job %s: the server refused the result: %s", result.job_id, exc)
+                why = f"error: the server refused the job's result ({exc})"
+                out.result = JobResult(
+                    result.job_id,
+                    result.isolation,
+                    "error",
+                    result.exit_code,
+                    result.duration,
+                    "",
+                    "",
+                    [*result.log, why],
+                )
+                return self._send(out)
+            if time.monotonic() > out.deadline:
+                log.error(
+                    "job %s: cannot record the result (%s); the job runs again elsewhere "
+                    "once its lease expires",
+                    result.job_id,
+                    exc,
+                )
+                return True
+            log.warning("job %s: cannot record the result yet (%s); retrying", result.job_id, exc)
+            return False
+
+    def _beat_heartbeat(self) -> None:
+        """Tell the queue which tags this worker serves, so unserved tags are reported."""
+        if time.monotonic() - self._beat < HEARTBEAT_SECONDS:
+            return
+        self._beat = time.monotonic()
+        self._heartbeat()
