@@ -63,6 +63,11 @@ class Outgoing:
     retry_at: float = 0.0
 
 
+def canceled(job_id: str) -> JobResult:
+    """The result of a job canceled before it started: the queue's own words for it."""
+    return JobResult(job_id, "none", "canceled", None, 0.0, "", "", ["canceled"])
+
+
 class QueueLink:
     """Claims ahead, records behind, keeps leases: the only thread that talks to the queue
     while the worker serves, so a source that is not thread-safe (one HTTP connection) is
@@ -99,17 +104,22 @@ class QueueLink:
     def take(self, stopping: threading.Event) -> Held | None:
         """The next claimed job; None once stopping, out of budget, or the source failed."""
         with self._cond:
-            while not self._ready and not self._over():
-                if stopping.is_set():
+            while True:
+                while not self._ready and not self._over():
+                    if stopping.is_set():
+                        return None
+                    self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
+                if not self._ready or stopping.is_set():
                     return None
-                self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
-            if not self._ready or stopping.is_set():
-                return None
-            held = self._ready.popleft()
-            held.started = time.monotonic()
-            self._running[held.spec.id] = held
-            self._wake()  # claim the one after it now
-            return held
+                held = self._ready.popleft()
+                self._wake()  # claim the one after it now
+                if not held.cancel.requested:
+                    held.started = time.monotonic()
+                    self._running[held.spec.id] = held
+                    return held
+                # canceled while it waited: recorded so, never started
+                self._outbox.append(Outgoing(canceled(held.spec.id), time.monotonic() + self.lease))
+                held.cancel.close()
 
     def post(self, held: Held, result: JobResult, last: bool = False) -> None:
         """The job's result, recorded by the link thread; the job loop goes on at once.
@@ -132,6 +142,11 @@ class QueueLink:
             self._release(held, "the worker is stopping")
             held.cancel.close()
         self._ready.clear()
+        while True:  # a job canceled as it was handed back is recorded here
+            self._send_results()
+            if not self._outbox:
+                return
+            time.sleep(max(self._outbox[0].retry_at - time.monotonic(), 0.0))
 
     # the link thread
 
@@ -144,11 +159,24 @@ class QueueLink:
         self._cond.notify_all()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:  # a bug here must stop the worker, not leave it waiting
+            log.exception("worker %s: the queue thread failed; stopping", self.name)
+            with self._cond:
+                self.fatal = exc
+                self._claiming = False
+                self._cond.notify_all()
+
+    def _serve(self) -> None:
         while True:
+            # leases between every call that may block: a slow one must not let them lapse
+            self._keep_leases()
             self._send_results()
             with self._cond:
                 if not self._claiming and not self._outbox:
                     return
+            self._keep_leases()
             self._claim_ahead()
             self._keep_leases()
             self._beat_heartbeat()
@@ -168,6 +196,8 @@ class QueueLink:
 
     def _wants_claim(self, now: float) -> bool:
         if not self._claiming or self.fatal is not None or self._ready:
+            return False
+        if self._outbox:  # unsent: its job's lease is not renewed, and could come back to us
             return False
         if self._budget is not None and self._budget <= 0:
             return False
@@ -211,14 +241,8 @@ class QueueLink:
         for job in held:
             now = time.monotonic()
             if job.started is None and now - job.claimed > PREFETCH_HOLD_SECONDS:
-                with self._cond:
-                    if job not in self._ready:
-                        continue  # taken meanwhile
-                    self._ready.remove(job)
-                    if self._budget is not None:
-                        self._budget += 1
-                self._release(job, f"it waited {PREFETCH_HOLD_SECONDS:g}s behind a long job")
-                job.cancel.close()
+                if self._drop_waiting(job):  # else taken meanwhile
+                    self._release(job, f"it waited {PREFETCH_HOLD_SECONDS:g}s behind a long job")
                 continue
             if now - job.renewed > self.lease / 3:
                 self._renew(job, now)
@@ -233,8 +257,11 @@ class QueueLink:
     def _renew(self, job: Held, now: float) -> None:
         try:
             if not self.source.renew(job.spec.id, self.name, self.lease):
-                log.error("job %s: lease lost (taken over); stopping it", job.spec.id)
-                self._cancel(job)
+                if self._drop_waiting(job):
+                    log.error("job %s: lease lost before it started; not running it", job.spec.id)
+                else:
+                    log.error("job %s: lease lost (taken over); stopping it", job.spec.id)
+                    self._cancel(job)
             job.renewed = now
         except Exception as exc:  # keep the job running while the lease may hold
             log.warning("job %s: cannot reach the queue to renew: %s", job.spec.id, exc)
@@ -242,15 +269,32 @@ class QueueLink:
                 log.error("job %s: lease expired unrenewed; stopping it", job.spec.id)
                 self._cancel(job)
 
+    def _drop_waiting(self, job: Held) -> bool:
+        """Forget a job not yet started (True), or leave a running one alone (False)."""
+        with self._cond:
+            if job not in self._ready:
+                return False
+            self._ready.remove(job)
+            if self._budget is not None:
+                self._budget += 1
+            job.cancel.close()
+            return True
+
     def _cancel(self, job: Held) -> None:
         with self._cond:  # its pipe is closed once its result is posted
             if job.spec.id in self._running or job in self._ready:
                 job.cancel.set()
 
     def _release(self, job: Held, why: str) -> None:
+        """Back to the queue; a job canceled meanwhile is recorded canceled instead."""
         try:
-            self.source.release(job.spec.id, self.name)
-            log.info("job %s: handed back to the queue unstarted: %s", job.spec.id, why)
+            if self.source.release(job.spec.id, self.name):
+                log.info("job %s: handed back to the queue unstarted: %s", job.spec.id, why)
+            elif self.source.cancel_requested(job.spec.id):
+                with self._cond:
+                    self._outbox.append(
+                        Outgoing(canceled(job.spec.id), time.monotonic() + self.lease)
+                    )
         except Exception as exc:
             log.warning(
                 "job %s: cannot hand it back (%s); another worker takes it once its lease "

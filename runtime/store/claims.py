@@ -87,11 +87,12 @@ class ClaimStore(Store):
 
     def release(self, job_id: str, worker: str) -> bool:
         """Hand back a job claimed but never started (a worker's prefetch): queued again, its
-        claim's attempt undone; False when the job is no longer this worker's."""
+        claim's attempt undone. False when the job is no longer this worker's, or a cancel
+        came for it meanwhile (then the worker records it canceled: it must never run)."""
         changed = self.db.execute(
             f"""UPDATE {HOT} SET status='queued', worker=NULL, worker_group=NULL,
                        attempts=attempts-1, lease_until=NULL
-                WHERE id=? AND worker=? AND status='running'""",
+                WHERE id=? AND worker=? AND status='running' AND cancel=0""",
             (job_id, worker),
         )
         return changed == 1

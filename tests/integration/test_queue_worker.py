@@ -247,6 +247,25 @@ def test_a_stopping_worker_hands_back_the_job_it_claimed_ahead(
     assert f"job {second}: handed back to the queue unstarted" in worker.output()
 
 
+@pytest.mark.req("R-JOB-3")
+def test_a_job_canceled_while_claimed_ahead_never_runs(
+    start_worker: Callable[..., WorkerProcess], queue: JobQueue, tmp_path: Path
+) -> None:
+    """Claimed ahead, the job is "running" to the queue, so a cancel only flags it: the
+    worker must record it canceled, never hand it back to run or start it."""
+    trace = tmp_path / "ran.txt"
+    start_worker("w-a")
+    first = queue.submit("python3", "import time\ntime.sleep(1)\n")
+    wait_status(queue, first, "running")
+    second = queue.submit("python3", f"open({str(trace)!r}, 'w').write('ran')\n")
+    wait_status(queue, second, "running", timeout=0.4)  # claimed ahead, behind `first`
+    assert queue.cancel(second) == "cancel requested"
+    done = queue.wait(second, 20)
+    assert done.result is not None and done.result.status == "canceled", done.result
+    assert queue.wait(first, 20).result is not None
+    assert not trace.exists()
+
+
 @pytest.fixture
 def cleanup_job(state_dir: Path) -> Iterator[list[str]]:
     """Job ids whose tracking cgroup and tmpfs job dir a killed worker may have left behind

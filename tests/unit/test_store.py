@@ -136,6 +136,16 @@ def test_a_released_job_is_queued_again_as_if_never_claimed(queue: JobQueue) -> 
     assert second != first
 
 
+@pytest.mark.req("R-JOB-3")
+def test_a_job_canceled_while_claimed_ahead_is_not_handed_back(queue: JobQueue) -> None:
+    job_id = queue.submit("bash", "true\n")
+    assert queue.claim("w-a", 30) is not None
+    assert queue.cancel(job_id) == "cancel requested"
+    assert not queue.release(job_id, "w-a")  # queued again, it would run: the worker ends it
+    job = queue.get(job_id)
+    assert job is not None and job.status == "running"
+
+
 def test_the_stores_method_names_are_disjoint() -> None:
     """JobQueue joins the stores by inheritance: a shared name would hide one silently."""
     seen: dict[str, str] = {}
