@@ -158,5 +158,8 @@ if shm >= 0:
     if addr not in (None, ctypes.c_void_p(-1).value):
         ctypes.memmove(addr, mark, len(mark))
 rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
-rt.mq_open(f"/orvanta-neighbour-{token}".encode(), os.O_CREAT | os.O_RDWR, 0o644, None)
+# one 64-byte message at most: a default queue (10 x 8 KiB) takes a tenth of its uid's
+# RLIMIT_MSGQUEUE, and a few cells at once (root in each, under none) used it all up
+attr = (ctypes.c_long * 8)(0, 1, 64, 0)  # struct mq_attr: flags, maxmsg, msgsize, curmsgs
+rt.mq_open(f"/orvanta-neighbour-{token}".encode(), os.O_CREAT | os.O_RDWR, 0o644, attr)
 """
