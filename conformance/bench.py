@@ -133,6 +133,7 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
             )
 
         runtime_s, raw_s = _interleaved(through_runtime, through_raw, runs)
+        runner.settle()
     runtime_ms, raw_ms = _stats(runtime_s), _stats(raw_s)
     return {
         "backend": backend,

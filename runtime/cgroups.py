@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,7 @@ class JobCgroup:
         pids = []
         for group in self._tree():
             try:
-                text = (group / "cgroup.procs").read_text()
+                text = read_small(group / "cgroup.procs")
             except OSError:
                 continue
             pids += [int(line) for line in text.split()]
@@ -126,26 +127,34 @@ class JobCgroup:
         its own (R-HOST-5), and they must die and go with it."""
         groups = [self.path]
         with contextlib.suppress(OSError):
+            if _counts_subgroups(self.path.parent) and os.stat(self.path).st_nlink <= 2:
+                return groups  # no subgroup: spared a walk of the group's files
             for top, dirs, _ in os.walk(self.path):
                 groups += [Path(top) / d for d in dirs]
         return groups
 
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
-        """The worker itself inside the job's group, so that what it spawns is born there."""
+        """The calling thread inside the job's group, so that what it spawns is born there.
+
+        On v1 only the thread moves (it writes "0" to `tasks`), which the kernel does without
+        the lock a whole-process move takes: that lock waits for an RCU grace period, up to
+        a millisecond a move after jobs that made namespaces. A v2 domain group takes whole
+        processes only.
+        """
         hierarchy = self.path.parent.parent if not self.v2 else ROOT
-        home = _own_group(hierarchy, self.v2, os.getpid())
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        member, who = ("cgroup.procs", str(os.getpid()).encode()) if self.v2 else ("tasks", b"0")
+        home = _home(hierarchy, member)
+        _write(self.path / member, who)
         try:
             yield
         finally:
             try:
-                (home / "cgroup.procs").write_text(str(os.getpid()))
+                os.write(home, who)
             except OSError:  # the home group was removed meanwhile: look it up again
-                _own_group.cache_clear()
+                _forget_home(hierarchy, member)
                 try:
-                    home = _own_group(hierarchy, self.v2, os.getpid())
-                    (home / "cgroup.procs").write_text(str(os.getpid()))
+                    os.write(_home(hierarchy, member), who)
                 except (OSError, RuntimeError) as exc:
                     log.error("worker stays in job group %s: %s", self.path, exc)
 
@@ -201,18 +210,64 @@ class JobCgroup:
 _MADE: set[Path] = set()  # parents this process has made (or found) already
 
 
-@functools.cache
-def _own_group(hierarchy: Path, v2: bool, pid: int | None = None) -> Path:
-    """This process's group in the hierarchy mounted at `hierarchy`.
+_COUNTED: dict[Path, bool] = {}
 
-    Cached per pid: the worker always returns to the group it started in.
-    """
+
+def _counts_subgroups(parent: Path) -> bool:
+    """Linux's cgroupfs gives a group 2 links plus 1 per subgroup. Asked once per parent of
+    job groups, while it holds one (gVisor's cgroupfs, say, might not count them)."""
+    if parent not in _COUNTED:
+        _COUNTED[parent] = os.stat(parent).st_nlink >= 3
+    return _COUNTED[parent]
+
+
+_HOMES: dict[tuple[Path, str, int, int], int] = {}
+
+
+def _home(hierarchy: Path, member: str) -> int:
+    """An open fd on `member` of the calling thread's group at its first job: where it
+    returns after each spawn. One per thread (v1 moves threads one by one) and process."""
+    key = (hierarchy, member, os.getpid(), threading.get_native_id())
+    if key not in _HOMES:
+        _HOMES[key] = os.open(_own_group(hierarchy) / member, os.O_WRONLY | os.O_CLOEXEC)
+    return _HOMES[key]
+
+
+def _forget_home(hierarchy: Path, member: str) -> None:
+    fd = _HOMES.pop((hierarchy, member, os.getpid(), threading.get_native_id()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _own_group(hierarchy: Path) -> Path:
+    """The calling thread's group in the hierarchy mounted at `hierarchy`."""
     controller = hierarchy.name
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
+    for line in Path("/proc/thread-self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
-        if (v2 and controllers == "") or controller in controllers.split(","):
+        if (hierarchy == ROOT and controllers == "") or controller in controllers.split(","):
             return hierarchy / path.lstrip("/")
     raise RuntimeError(f"this process is in no {controller} cgroup")
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_small(path: Path | str) -> str:
+    """A small kernel file (cgroup.procs, /proc/.../children) in one read, without the text
+    layer of open(): the worker reads a few of them after every job."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def _rmdir(path: Path) -> None:

@@ -266,6 +266,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     runner = start(settings)
     spec = JobSpec(uuid.uuid4().hex[:16], lang, script, env, args.timeout, args.workspace)
     result = runner.run(spec)
+    runner.settle()
     return _report(result, args.json)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from runtime import idmap, reaper
 from runtime.backends import Backend, Launch, PreparedJob, make_backend
@@ -31,6 +33,7 @@ from runtime.languages import is_plain_name, language, volume_annotations, wants
 from runtime.selection import Decision, IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
 from runtime.submission import ENV_NAME_PATTERN
+from runtime.tidier import Tidier
 from runtime.volumes import VolumeError, adopt_volume, claim_volume, open_volume
 
 log = logging.getLogger("orvanta.executor")
@@ -79,6 +82,7 @@ class JobRunner:
             log.warning("removed %d job dir(s) a killed worker left: %s", len(swept), swept)
         reaper.become_subreaper()  # a job's process that leaves its cgroup is still ours
         self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
+        self._tidier = Tidier()  # what finished jobs leave goes behind the next one's start
 
     def run(
         self, spec: JobSpec, settings: Settings | None = None, cancel: Cancellation | None = None
@@ -105,13 +109,13 @@ class JobRunner:
             job_log.append(f"error: {exc}")
             log.error("job %s refused: %s", spec.id, exc)
             return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
-        try:
-            return self._run(
-                spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started
-            )
-        finally:
-            if ids is not None:
-                ids.release()  # every process of the job is gone by now
+        return self._run(
+            spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started
+        )
+
+    def settle(self) -> None:
+        """Wait until what every finished job left is removed (a stopping worker, a test)."""
+        self._tidier.settle()
 
     def _run(
         self,
@@ -125,35 +129,46 @@ class JobRunner:
         volume_fds: list[tuple[int, str]],
         started: float,
     ) -> JobResult:
+        """From here on the job's ids, volumes, directory and cgroup are the tidier's to free
+        once it ended (`_teardown`), whatever happens on the way."""
         job_log: list[str] = []
-        lang = language(spec.language)
-        owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
-        job_log.append(f"isolation: {decision.backend} ({decision.reason})")
-        if decision.backend == "nsjail" and annotated:
-            job_log.append("sandbox mode (nsjail)")
-
-        timeout = spec.timeout or settings.job_timeout
         root = self.jobs_dir / spec.id
-        cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups)
-        # A fresh tracking group holds no process of an earlier attempt, but that attempt's
-        # directory may survive it (a reboot or container restart resets cgroups only).
-        stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
-        if root.exists() and held(root):
-            why = "another worker still runs this job (it lost the lease); try again later"
-            job_log.append(f"error: {why}")
-            return JobResult(spec.id, decision.backend, "error", None, 0.0, "", why, job_log)
-        if stale or root.exists():
-            # A retry after a worker died mid-job: nothing of that attempt may linger.
-            killed = cgroup.kill_all() if cgroup is not None else 0
-            remove_tree(root)
-            job_log.append(f"retry: removed the previous attempt's files and {killed} process(es)")
-        nsjail_parent = None
-        if backend.own_cgroups:
-            nsjail_parent = (
-                job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
-            )
+        if root.exists():
+            self._tidier.settle()  # this worker's own last attempt may still be in teardown
+        cgroup: JobCgroup | None = None
         place: JobDir | None = None
+        ours = False  # the root and cgroup are this attempt's, not a live worker's
         try:
+            lang = language(spec.language)
+            owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
+            job_log.append(f"isolation: {decision.backend} ({decision.reason})")
+            if decision.backend == "nsjail" and annotated:
+                job_log.append("sandbox mode (nsjail)")
+            timeout = spec.timeout or settings.job_timeout
+            cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups)
+            # A fresh tracking group holds no process of an earlier attempt, but that
+            # attempt's directory may survive it (a reboot or container restart resets
+            # cgroups only).
+            stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
+            if root.exists() and held(root):
+                why = "another worker still runs this job (it lost the lease); try again later"
+                job_log.append(f"error: {why}")
+                return JobResult(spec.id, decision.backend, "error", None, 0.0, "", why, job_log)
+            ours = True
+            if stale or root.exists():
+                # A retry after a worker died mid-job: nothing of that attempt may linger.
+                killed = cgroup.kill_all() if cgroup is not None else 0
+                remove_tree(root)
+                job_log.append(
+                    f"retry: removed the previous attempt's files and {killed} process(es)"
+                )
+            nsjail_parent = None
+            if backend.own_cgroups:
+                nsjail_parent = (
+                    job_group(spec.id)
+                    if cgroup and cgroup.nsjail_parents
+                    else nsjail_cgroup_parent()
+                )
             place = JobDir.create(
                 self.jobs_dir, spec.id, owner, settings.limits.disk_mb, self._mount
             )
@@ -167,7 +182,7 @@ class JobRunner:
             jail_binds: list[tuple[str, str]] = []
             try:
                 while volume_fds:
-                    fd, name = volume_fds.pop(0)
+                    fd, name = volume_fds.pop(0)  # the job dir's to close from here on
                     source = place.add_volume(fd, name, backend.own_mounts)
                     if source is not None:
                         jail_binds.append((source, name))
@@ -190,23 +205,23 @@ class JobRunner:
                 ids.owner if ids is not None else None,
             )
             launch = backend.launch(job, _job_env(spec, backend.inner_dir(job)))
-            outcome = self._execute(launch, job, cgroup, cancel)
+            outcome = self._execute(launch, job, cgroup, cancel)  # every process dead after it
             if place.full():
                 job_log.append(
                     f"disk quota: the job filled its {settings.limits.disk_mb} MiB job dir "
                     "(ORVANTA_JOB_DISK_MB); writes past it failed with ENOSPC"
                 )
         finally:
-            for fd, _ in volume_fds:
-                os.close(fd)
-            try:
-                if place is not None:
-                    place.remove()
-                else:
-                    remove_tree(root)
-            finally:
-                if cgroup is not None:
-                    cgroup.remove()
+            self._tidier.submit(
+                functools.partial(
+                    _teardown,
+                    place,
+                    root if ours else None,
+                    cgroup if ours else None,
+                    list(volume_fds),
+                    ids,
+                )
+            )
         exit_code, stopped, stdout, stderr, notes, cpu = outcome
         job_log.extend(notes)
         if backend.rlimits and not stopped:
@@ -267,12 +282,15 @@ class JobRunner:
         spared = frozenset(reaper.own_children())
         joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
         fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in launch.read_files]
+        stdin = subprocess.DEVNULL
+        if launch.stdin_file is not None:  # fd 0 of the launcher only: CLOEXEC, not passed
+            stdin = os.open(launch.stdin_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
             argv = launch.argv_for(fds)
             with joined, _oom_score(JOB_OOM_SCORE_ADJ):
                 proc = subprocess.Popen(
                     argv,
-                    stdin=subprocess.DEVNULL,
+                    stdin=stdin,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     close_fds=True,  # R-JOB-2: stdio, and what the launcher reads, nothing else
@@ -284,6 +302,8 @@ class JobRunner:
         finally:
             for fd in fds:
                 os.close(fd)
+            if stdin != subprocess.DEVNULL:
+                os.close(stdin)
         try:
             out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
         finally:
@@ -295,6 +315,31 @@ class JobRunner:
         code = proc.returncode
         exit_code = 128 - code if code < 0 else code
         return exit_code, stopped, out.text(), err.text(), notes, cpu
+
+
+def _teardown(
+    place: JobDir | None,
+    root: Path | None,
+    cgroup: JobCgroup | None,
+    volume_fds: list[tuple[int, str]],
+    ids: idmap.JobIds | None,
+) -> None:
+    """Free what a job that ended left (see runtime.tidier): volumes it never got, its
+    directory (setid bits stripped from its volumes first), its cgroup, and its ids last."""
+    try:
+        for fd, _ in volume_fds:
+            os.close(fd)
+        try:
+            if place is not None:
+                place.remove()
+            elif root is not None:
+                remove_tree(root)
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
+    finally:
+        if ids is not None:
+            ids.release()  # no process and no file of the job is left under them
 
 
 def _cpu_limit_note(exit_code: int, cpu: float | None, limit: int) -> list[str]:

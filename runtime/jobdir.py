@@ -19,11 +19,10 @@ import fcntl
 import logging
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import mounts
+from runtime import mounts, reaper
 from runtime.volumes import VolumeError, strip_setid
 
 log = logging.getLogger("orvanta.jobdir")
@@ -187,7 +186,7 @@ def remove_tree(root: Path) -> None:
     try:
         shutil.rmtree(root, ignore_errors=True)
     except RecursionError:  # deeper than Python's stack: rm walks it without recursion
-        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(root)], check=False)
+        reaper.run_helper(["rm", "-rf", "--one-file-system", "--", str(root)])
 
 
 def _mount_points(prefix: str) -> list[str]:

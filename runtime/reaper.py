@@ -16,9 +16,13 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from runtime.cgroups import read_small
 
 log = logging.getLogger("orvanta.reaper")
 
@@ -37,6 +41,28 @@ def become_subreaper() -> None:
     _is_subreaper = True
 
 
+_helpers: set[int] = set()  # children the worker runs for itself (runtime.tidier), no job's
+_helpers_lock = threading.Lock()
+
+
+def run_helper(argv: list[str]) -> int:
+    """Run a program of the worker's own to its end, from any thread: while it runs,
+    kill_orphans knows it is no leftover of the job that is running meanwhile."""
+    with _helpers_lock:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        _helpers.add(proc.pid)
+    try:
+        return proc.wait()
+    finally:
+        with _helpers_lock:
+            _helpers.discard(proc.pid)
+
+
+def _job_children(spared: frozenset[int]) -> list[int]:
+    with _helpers_lock:
+        return [pid for pid in own_children() if pid not in spared and pid not in _helpers]
+
+
 def own_children() -> list[int]:
     """This process's children, from /proc/self/task/*/children (a few small reads)."""
     children: list[int] = []
@@ -46,8 +72,7 @@ def own_children() -> list[int]:
         return children
     for tid in tasks:
         try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                children += [int(pid) for pid in f.read().split()]
+            children += [int(pid) for pid in read_small(f"/proc/self/task/{tid}/children").split()]
         except OSError:
             continue
     return children
@@ -86,7 +111,7 @@ def kill_orphans(
     before the job started (a test harness running jobs in-process has its own)."""
     orphans = Orphans(outside_cgroup)
     end = time.monotonic() + deadline
-    pending = [pid for pid in own_children() if pid not in spared]
+    pending = _job_children(spared)
     thawed: set[int] = set()
     while pending:
         for pid in pending:
@@ -96,7 +121,7 @@ def kill_orphans(
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-        pending = [pid for pid in own_children() if pid not in spared]
+        pending = _job_children(spared)
         for pid in pending:
             if pid not in thawed:
                 thawed.add(pid)

@@ -180,6 +180,7 @@ class Worker:
                 done += 1
         finally:
             link.close()
+            self.runner.settle()  # a stopped worker leaves no job dir, cgroup or id behind
         if link.fatal is not None:
             self.failed = True
         return done

@@ -51,11 +51,13 @@ class Launch:
     as root outside the sandbox gets the worker's fixed environment, never the job's.
     `read_files` are opened for the child, and `{fd0}`, `{fd1}`... in argv become their fd
     numbers: data a launcher reads from an fd, not from its command line (which every
-    user of the host can read)."""
+    user of the host can read). `stdin_file`, likewise, is what the launcher reads on its
+    stdin; it must give the job /dev/null as stdin, as the worker does without it."""
 
     argv: list[str]
     env: dict[str, str]
     read_files: tuple[Path, ...] = ()
+    stdin_file: Path | None = None  # the launcher's stdin; the job's own is /dev/null
 
     def argv_for(self, fds: list[int]) -> list[str]:
         marks = {f"{{fd{i}}}": str(fd) for i, fd in enumerate(fds)}
@@ -65,9 +67,18 @@ class Launch:
 def write_records(path: Path, records: list[str]) -> None:
     """NUL-separated records in a new file that is root's alone (0600): what a launcher reads
     from an fd (`Launch.read_files`) instead of its command line."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(b"".join(record.encode() + b"\0" for record in records))
+    write_private(path, b"".join(record.encode() + b"\0" for record in records))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """`data` in a new file (never followed or reused) that is root's alone (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 class Backend(Protocol):

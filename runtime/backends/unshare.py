@@ -1,15 +1,19 @@
-"""PID namespace: `unshare <flags> -- perl -e APPLY_ENV FD [tini -s --] <job>` (R-PID-1, 2).
+"""PID namespace: `unshare <flags> -- dash -s -- [tini -s --] <job>` (R-PID-1, 2).
 
 unshare runs as root outside any sandbox, with the worker's fixed launcher
 environment. The job's own variables never appear on a command line: `unshare
 --fork` stays alive as the job's parent for the whole job, and its argv is
-readable by every user of the host (`ps`). They lie NUL-separated in a root-only
-file of the job's control dir, which the worker opens for the child; the first
-step inside the namespace, after the uid map and `--setuid`, is a few lines of
-Perl (perl-base is in every Debian) that read that fd, make the variables the
-whole environment and exec tini. From there on, perl, tini and the job run as the
-job's own uid, so a variable that makes them load code (LD_PRELOAD) runs it with
-no privilege the job lacks. Every step execs, so tini is still PID 1. With a root
+readable by every user of the host (`ps`). They lie in a root-only file of the
+job's control dir, which the worker opens for the child. The first step inside
+the namespace, after the uid map and `--setuid`, reads that file and makes the
+variables the whole environment, then execs tini: dash, reading it on its stdin
+as a script of `export NAME='value'` lines (every value single-quoted, so none is
+ever parsed) that ends `exec "$@" </dev/null`. Where dash is missing, or a name
+is one dash refuses as a plain variable (OPTIND), a few lines of Perl (perl-base
+is in every Debian) read the same variables NUL-separated from an fd; dash starts
+about 2 ms sooner. From there on, the reader, tini and the job run as the job's
+own uid, so a variable that makes them load code (LD_PRELOAD) runs it with no
+privilege the job lacks. Every step execs, so tini is still PID 1. With a root
 worker the flags are hardened (`runtime.idmap`): the job's root maps to
 ORVANTA_JOB_UID, not the host's root.
 """
@@ -25,10 +29,19 @@ from pathlib import Path
 from typing import ClassVar
 
 from runtime import idmap
-from runtime.backends import INFO, Launch, PreparedJob, tool_path, write_records
+from runtime.backends import (
+    INFO,
+    Launch,
+    PreparedJob,
+    tool_path,
+    write_private,
+    write_records,
+)
 from runtime.capabilities import HostCapabilities, Probe, host_euid, run_probe
 from runtime.settings import Settings
 
+DASH = "/bin/dash"
+DASH_REFUSES = frozenset({"OPTIND"})  # dash checks these on assignment (OPTIND: a number)
 PERL = "/usr/bin/perl"
 # argv: FD, then the command. Reads NAME=VALUE records from FD, which it closes; exact for
 # any value (no shell reads it); the environment is then exactly those variables.
@@ -201,10 +214,35 @@ class PidNamespace:
         script = f"{self.inner_dir(job)}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
         init = [self.tini, "-s", "--"] if self.tini else []
+        launcher_env = idmap.launcher_env(self.settings)
         variables = job.control_dir / "unshare.env"
+        unshare = [self.unshare, *self.flags(job), "--"]
+        if _has_dash() and not env.keys() & DASH_REFUSES:
+            write_private(variables, env_script(env, launcher_env).encode())
+            argv = [*unshare, DASH, "-s", "--", *init, *command]
+            return Launch(argv, launcher_env, stdin_file=variables)
         write_records(variables, [f"{k}={v}" for k, v in env.items()])
-        argv = [self.unshare, *self.flags(job), "--", PERL, "-e", APPLY_ENV, "{fd0}"]
-        return Launch([*argv, *init, *command], idmap.launcher_env(self.settings), (variables,))
+        argv = [*unshare, PERL, "-e", APPLY_ENV, "{fd0}", *init, *command]
+        return Launch(argv, launcher_env, (variables,))
+
+
+def env_script(env: dict[str, str], launcher_env: dict[str, str]) -> str:
+    """What dash reads on its stdin: the launcher's variables (and the PWD dash adds) out,
+    the job's in, then the job, with /dev/null as its stdin. Names are variable names
+    (runtime.executor drops any other); a value is single-quoted, where nothing is special
+    but the quote itself, written as '\\''."""
+    lines = ["unset " + " ".join(sorted({*launcher_env, "PWD", "OLDPWD"}))]
+    for name, value in env.items():
+        if not (name.isascii() and name.isidentifier()) or "\0" in value:
+            raise ValueError(f"job variable {name!r}: not a variable name, or a NUL in its value")
+        lines.append(f"export {name}='" + value.replace("'", "'\\''") + "'")
+    lines.append('exec "$@" </dev/null')
+    return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def _has_dash() -> bool:
+    return os.access(DASH, os.X_OK)
 
 
 def probe_unshare(settings: Settings) -> Probe:

@@ -1,24 +1,31 @@
-"""The PID-namespace command line: `unshare <flags> -- perl -e APPLY_ENV FD [tini -s --] <job>`.
+"""The PID-namespace command line: `unshare <flags> -- dash -s -- [tini -s --] <job>`.
 
 R-PID-1, R-PID-2; the flags as configured when ORVANTA_JOB_UID=0 (the page's literal
 recipe), hardened so that the job's root is an unprivileged host uid otherwise
 (`hardened_flags`); the job's variables only through a root-only file read inside the
-namespace, never on a command line (which every host user can read).
+namespace (dash's stdin, else Perl's fd), never on a command line (which every host user
+can read).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from runtime.backends import PreparedJob, make_backend
+from runtime.backends import unshare as unshare_module
 from runtime.backends.unshare import (
     APPLY_ENV,
+    DASH,
     PERL,
     PidNamespace,
     UnshareFlagError,
+    env_script,
     hardened_flags,
 )
 from runtime.capabilities import HostCapabilities, Probe
@@ -50,6 +57,13 @@ def control_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 CONTROL = Path("/nonexistent")
 
 
+@pytest.fixture(autouse=True)
+def dash_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The argv must not depend on the machine: dash is taken as installed unless a test
+    says otherwise."""
+    monkeypatch.setattr(unshare_module, "_has_dash", lambda: True)
+
+
 def prepared(lang: str) -> PreparedJob:
     return PreparedJob("0123456789abcdef", language(lang), JOB_DIR, CONTROL, 5.0)
 
@@ -60,7 +74,7 @@ def settings(**env: str) -> Settings:
 
 
 JOB_ENV = {"HOME": str(JOB_DIR), "MINE": "a b"}
-INNER_ENV = [PERL, "-e", APPLY_ENV, "{fd0}"]
+INNER_ENV = [DASH, "-s", "--"]
 
 
 def argv(backend: PidNamespace, lang: str) -> list[str]:
@@ -108,15 +122,90 @@ def test_bash_job_with_custom_flags_and_python() -> None:
 @pytest.mark.req("R-JOB-1")
 def test_the_launchers_get_the_workers_environment_not_the_jobs() -> None:
     """unshare runs as root outside the sandbox: none of the job's variables in its
-    environment, nor on any command line; they lie in a root-only file for APPLY_ENV."""
+    environment, nor on any command line; they lie in a root-only file that dash reads
+    on its stdin inside the namespace."""
     job_env = {"LD_PRELOAD": "/x.so", "TOKEN": "s3cret\nline two"}
     launch = PidNamespace(settings(), host()).launch(prepared("bash"), job_env)
     assert set(launch.env) == {"PATH", "LANG"}
     assert not [arg for arg in launch.argv if "s3cret" in arg or "/x.so" in arg]
+    assert launch.read_files == ()
+    script = launch.stdin_file
+    assert script is not None and script.parent == CONTROL
+    assert script.stat().st_mode & 0o777 == 0o600
+    assert script.read_text() == (
+        "unset LANG OLDPWD PATH PWD\n"
+        "export LD_PRELOAD='/x.so'\n"
+        "export TOKEN='s3cret\nline two'\n"
+        'exec "$@" </dev/null\n'
+    )
+
+
+@pytest.mark.req("R-JOB-1")
+@pytest.mark.parametrize(
+    ("why", "job_env"),
+    [
+        ("no dash", {"A": "1"}),
+        ("a name dash refuses as a plain variable", {"OPTIND": "not a number"}),
+    ],
+)
+def test_perl_reads_the_variables_where_dash_cannot(
+    why: str, job_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if why == "no dash":
+        monkeypatch.setattr(unshare_module, "_has_dash", lambda: False)
+    launch = PidNamespace(settings(), host()).launch(prepared("bash"), job_env)
+    after = launch.argv.index("--") + 1
+    assert launch.argv[after : after + 4] == [PERL, "-e", APPLY_ENV, "{fd0}"], why
+    assert launch.stdin_file is None
     (records,) = launch.read_files
-    assert records.parent == CONTROL
     assert records.stat().st_mode & 0o777 == 0o600
-    assert records.read_bytes() == b"LD_PRELOAD=/x.so\0TOKEN=s3cret\nline two\0"
+    assert records.read_bytes() == b"".join(f"{k}={v}\0".encode() for k, v in job_env.items())
+
+
+HOSTILE_VALUES = {
+    "QUOTE": "it's 'quoted' ''",
+    "SUBST": "$(touch /tmp/pwned) `id` ${HOME} $$",
+    "LINES": "one\ntwo\n\nexec /bin/false\n",
+    "BACKSLASH": "\\ \\' \\n",
+    "SPACES": "  lead and trail  ",
+    "EMPTY": "",
+    "UNICODE": "\u00e9\u2603 \U0001f600",
+    "IFS": " :",
+    "PATH": "/job/bin:/usr/bin",
+    "PWD": "/not/the/real/one",
+}
+
+
+SHOW_ENVIRONMENT = "import json, os; print(json.dumps(dict(os.environ)))"
+
+
+@pytest.mark.req("R-JOB-1")
+@pytest.mark.skipif(not os.access(DASH, os.X_OK), reason="dash is not installed on this machine")
+def test_dash_gives_the_job_exactly_its_variables_whatever_their_values(tmp_path: Path) -> None:
+    """The script run by the real dash, from the launcher's environment: the job's
+    environment is exactly its variables, byte for byte, and no value ran as code."""
+    script = tmp_path / "vars"
+    script.write_text(env_script(HOSTILE_VALUES, {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}))
+    with open(script, "rb") as stdin:
+        shown = subprocess.run(
+            [DASH, "-s", "--", sys.executable, "-c", SHOW_ENVIRONMENT],
+            stdin=stdin,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+    seen = json.loads(shown.stdout)
+    seen.pop("LC_CTYPE", None)  # Python's own C-locale coercion, not dash's
+    assert seen == HOSTILE_VALUES
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_a_name_that_is_no_variable_name_is_refused_not_quoted() -> None:
+    with pytest.raises(ValueError, match="not a variable name"):
+        env_script({"A; rm -rf /": "x"}, {"PATH": "/bin"})
 
 
 HARDENED = ["--user", "--map-users=70000,0,1", "--map-groups=70001,0,1", "--setuid=0", "--setgid=0"]
