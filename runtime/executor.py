@@ -9,6 +9,7 @@ found outside its cgroup is reported, R-HOST-5) and its directory is removed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -18,6 +19,7 @@ import re
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +85,9 @@ class JobRunner:
         reaper.become_subreaper()  # a job's process that leaves its cgroup is still ours
         self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
         self._tidier = Tidier()  # what finished jobs leave goes behind the next one's start
+        self._ahead: list[JobDir] = []  # a job dir the tidier made for the next job
+        self._ahead_lock = threading.Lock()
+        atexit.register(self.settle)  # the tidier's thread would die mid-teardown at exit
 
     def run(
         self, spec: JobSpec, settings: Settings | None = None, cancel: Cancellation | None = None
@@ -114,8 +119,36 @@ class JobRunner:
         )
 
     def settle(self) -> None:
-        """Wait until what every finished job left is removed (a stopping worker, a test)."""
+        """Wait until what every finished job left is removed, and remove the job dir made
+        for the next one (a stopping worker, `orvanta run`, a test)."""
         self._tidier.settle()
+        with self._ahead_lock:
+            ahead, self._ahead = self._ahead, []
+        for place in ahead:
+            place.remove()
+
+    def _take_ahead(self) -> JobDir | None:
+        with self._ahead_lock:
+            return self._ahead.pop() if self._ahead else None
+
+    def _tidy(
+        self,
+        place: JobDir | None,
+        root: Path | None,
+        cgroup: JobCgroup | None,
+        volume_fds: list[tuple[int, str]],
+        ids: idmap.JobIds | None,
+    ) -> None:
+        """On the tidier's thread: the job's teardown, then a job dir for the next job."""
+        try:
+            _teardown(place, root, cgroup, volume_fds, ids)
+        finally:
+            with self._ahead_lock:
+                wanted = not self._ahead and JobDir.renames
+            if wanted:
+                made = JobDir.ahead(self.jobs_dir)
+                with self._ahead_lock:
+                    self._ahead.append(made)
 
     def _run(
         self,
@@ -170,7 +203,12 @@ class JobRunner:
                     else nsjail_cgroup_parent()
                 )
             place = JobDir.create(
-                self.jobs_dir, spec.id, owner, settings.limits.disk_mb, self._mount
+                self.jobs_dir,
+                spec.id,
+                owner,
+                settings.limits.disk_mb,
+                self._mount,
+                self._take_ahead(),
             )
             if self._mount and not place.quota:
                 self._mount = False
@@ -214,7 +252,7 @@ class JobRunner:
         finally:
             self._tidier.submit(
                 functools.partial(
-                    _teardown,
+                    self._tidy,
                     place,
                     root if ours else None,
                     cgroup if ours else None,

@@ -136,6 +136,9 @@ class JobIds:
         self.lock_fd = -1
 
 
+_CHECKED_LOCKS: set[Path] = set()
+
+
 def take_ids(settings: Settings, locks: Path = ID_LOCKS) -> JobIds:
     """Ids no other running job of this host has: ORVANTA_JOB_UID/GID + n for a free n.
 
@@ -144,13 +147,15 @@ def take_ids(settings: Settings, locks: Path = ID_LOCKS) -> JobIds:
     only while its job runs; a lock taken on a name its holder just unlinked is
     told by the inode and skipped.
     """
-    locks.mkdir(mode=0o700, parents=True, exist_ok=True)
-    held = locks.stat()
-    if held.st_uid != os.geteuid() or held.st_mode & 0o022:
-        raise PermissionError(
-            f"{locks} belongs to uid {held.st_uid} with mode {held.st_mode & 0o777:o}: the "
-            "locks that keep two jobs from sharing ids must be the worker's alone (chmod 700)"
-        )
+    if locks not in _CHECKED_LOCKS:  # once per process: only root could change it after
+        locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+        held = locks.stat()
+        if held.st_uid != os.geteuid() or held.st_mode & 0o022:
+            raise PermissionError(
+                f"{locks} belongs to uid {held.st_uid} with mode {held.st_mode & 0o777:o}: the "
+                "locks that keep two jobs from sharing ids must be the worker's alone (chmod 700)"
+            )
+        _CHECKED_LOCKS.add(locks)
     count = settings.job_id_count
     start = secrets.randbelow(count)
     for step in range(count):

@@ -15,12 +15,15 @@ volumes are symlinks: no quota there, which the worker says at start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from runtime import mounts, reaper
 from runtime.volumes import VolumeError, strip_setid
@@ -38,22 +41,59 @@ class JobDir:
     mounted: list[str] = field(default_factory=list)  # innermost last
     volume_fds: list[int] = field(default_factory=list)
     lock_fd: int = -1  # flock held while the job lives
+    renames: ClassVar[bool] = True  # job dirs made ahead can be renamed to a job's id here
 
     @classmethod
-    def create(
-        cls, jobs_root: Path, job_id: str, owner: tuple[int, int], disk_mb: int, mount: bool
-    ) -> JobDir:
-        root = jobs_root / job_id
+    def make(cls, jobs_root: Path, name: str) -> JobDir:
+        """The directories and the held lock, the worker's own: a job's under its id, or one
+        made ahead of the job (`ahead`), which `create` renames to the job's id."""
+        root = jobs_root / name
         root.mkdir(mode=0o711)
         job_dir = root / "job"
         job_dir.mkdir(mode=0o700)
         control = root / "control"
         control.mkdir(mode=0o700)
-        place = cls(root, job_dir, control, quota=False, owner=owner)
+        place = cls(root, job_dir, control, quota=False)
         # locked before it has its name: a starting worker's sweep never sees it unlocked
         place.lock_fd = os.open(control / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(place.lock_fd, fcntl.LOCK_EX)
         os.rename(control / ".lock", control / LOCK)
+        return place
+
+    @classmethod
+    def ahead(cls, jobs_root: Path) -> JobDir:
+        """A job dir made before its job is known, off the job's path (runtime.tidier): a
+        name no job id has, renamed to the job's when one comes."""
+        return cls.make(jobs_root, AHEAD + secrets.token_hex(8))
+
+    @classmethod
+    def create(
+        cls,
+        jobs_root: Path,
+        job_id: str,
+        owner: tuple[int, int],
+        disk_mb: int,
+        mount: bool,
+        ahead: JobDir | None = None,
+    ) -> JobDir:
+        """The job's place under its id: `ahead` renamed (never over an existing one), else
+        made now; then its job dir mounted as the job's tmpfs where the worker may."""
+        if ahead is None:
+            place = cls.make(jobs_root, job_id)
+        else:
+            root = jobs_root / job_id
+            try:
+                mounts.rename_noreplace(str(ahead.root), str(root))
+            except OSError as exc:
+                ahead.remove()
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                cls.renames = False  # this filesystem cannot: every job dir is made on the spot
+                return cls.create(jobs_root, job_id, owner, disk_mb, mount)
+            place = cls(root, root / "job", root / "control", quota=False, lock_fd=ahead.lock_fd)
+            ahead.lock_fd = -1  # the job's place holds it now
+        place.owner = owner
+        job_dir = place.job_dir
         if mount:
             try:  # the worker's own until hand_over: no job can enter while it is set up
                 mounts.tmpfs(str(job_dir), disk_mb, os.geteuid(), os.getegid())
@@ -67,8 +107,12 @@ class JobDir:
         """The job's script, created (never followed or reused) in the job dir."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(self.job_dir / name, flags, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        try:
+            data = memoryview(text.encode())
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
 
     def hand_over(self) -> None:
         """The job dir becomes the job's, once everything the worker puts in it is there."""
@@ -144,6 +188,7 @@ class JobDir:
 
 
 LOCK = "owner.lock"
+AHEAD = ".ahead-"  # a job dir made before its job: no job id starts with a dot
 
 
 def held(root: Path) -> bool:

@@ -1,4 +1,4 @@
-"""mount(2) and umount2(2) for the worker, which Python's standard library lacks.
+"""mount(2), umount2(2) and renameat2(2) for the worker, which Python's standard library lacks.
 
 The worker mounts each job's directory as a size-limited tmpfs (R-DISK-1) and
 binds the job's volumes into it (R-VOL-2). Both need CAP_SYS_ADMIN: where the
@@ -69,3 +69,18 @@ def bind(source: str, target: str) -> None:
 def detach(target: str) -> None:
     """Lazy unmount: gone from the tree at once, freed when the last user lets go."""
     _check(_libc().umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW), "umount", target)
+
+
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(source: str, target: str) -> None:
+    """rename(2) that fails with EEXIST instead of replacing an empty directory at `target`;
+    OSError(EINVAL or ENOSYS) where the kernel or filesystem has no RENAME_NOREPLACE."""
+    result = _libc().renameat2(
+        AT_FDCWD, source.encode(), AT_FDCWD, target.encode(), ctypes.c_uint(RENAME_NOREPLACE)
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)

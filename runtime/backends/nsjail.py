@@ -13,6 +13,7 @@ job dir by the worker, and nsjail's bind of /job carries them along.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ INNER_DIR = "/job"
 JAIL_UID = 1000  # the jailed process's uid inside, with a user namespace
 
 
+@functools.cache  # read once per language: the configs ship with the package
 def config_template(language: str) -> Template:
     text = resources.files("runtime").joinpath("nsjail", f"{language}.cfg").read_text()
     return Template(text)
@@ -121,6 +123,7 @@ def _cgroup_limits(settings: Settings, parent: str | None) -> str:
     return "\n".join(lines)
 
 
+@functools.cache  # resolved once per ORVANTA_PYTHON, not per job
 def _interpreter_mounts(python_path: str) -> str:
     """A Python outside /usr (pyenv, a venv) is mounted read-only at the same place.
 

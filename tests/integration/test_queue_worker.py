@@ -26,6 +26,7 @@ from cli_helpers import (
     wait_until,
 )
 
+from runtime.jobdir import AHEAD
 from runtime.jobs import QueuedJob
 from runtime.queue import JobQueue
 from runtime.settings import Settings
@@ -54,6 +55,18 @@ print("started", flush=True)
 time.sleep({seconds})
 print("finished")
 """
+
+
+def job_dirs_left(jobs_root: Path, within: float = 5.0) -> list[str]:
+    """The job dirs of finished jobs still there once the worker's tidier had `within`
+    seconds (it removes them behind the next job's start); the one it made ahead for the
+    next job is no job's."""
+    deadline = time.monotonic() + within
+    while True:
+        left = sorted(n for n in os.listdir(jobs_root) if not n.startswith(AHEAD))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -139,7 +152,7 @@ def test_worker_runs_queued_jobs_one_after_another_each_starting_clean(
     assert record["isolation"] == "none"
     assert queue.counts() == {"done": 4}
     assert processes_with(marker) == []
-    assert sorted(os.listdir(Settings(state_dir=state_dir).job_root)) == []
+    assert job_dirs_left(Settings(state_dir=state_dir).job_root) == []
     assert worker.proc.poll() is None
 
 
