@@ -139,16 +139,29 @@ class JobRunner:
         volume_fds: list[tuple[int, str]],
         ids: idmap.JobIds | None,
     ) -> None:
-        """On the tidier's thread: the job's teardown, then a job dir for the next job."""
+        """On the tidier's thread (see runtime.tidier), once the job ended: volumes it never
+        got, its directory (setid bits stripped from its volumes first), its cgroup, its ids
+        last; then a job dir for the next job."""
         try:
-            _teardown(place, root, cgroup, volume_fds, ids)
+            for fd, _ in volume_fds:
+                os.close(fd)
+            try:
+                if place is not None:
+                    place.remove()
+                elif root is not None:
+                    remove_tree(root)
+            finally:
+                if cgroup is not None:
+                    cgroup.remove()
         finally:
+            if ids is not None:
+                ids.release()  # no process and no file of the job is left under them
+        with self._ahead_lock:
+            wanted = not self._ahead and JobDir.renames
+        if wanted:
+            made = JobDir.ahead(self.jobs_dir)
             with self._ahead_lock:
-                wanted = not self._ahead and JobDir.renames
-            if wanted:
-                made = JobDir.ahead(self.jobs_dir)
-                with self._ahead_lock:
-                    self._ahead.append(made)
+                self._ahead.append(made)
 
     def _run(
         self,
@@ -163,7 +176,7 @@ class JobRunner:
         started: float,
     ) -> JobResult:
         """From here on the job's ids, volumes, directory and cgroup are the tidier's to free
-        once it ended (`_teardown`), whatever happens on the way."""
+        once it ended (`_tidy`), whatever happens on the way."""
         job_log: list[str] = []
         root = self.jobs_dir / spec.id
         if root.exists():
@@ -353,31 +366,6 @@ class JobRunner:
         code = proc.returncode
         exit_code = 128 - code if code < 0 else code
         return exit_code, stopped, out.text(), err.text(), notes, cpu
-
-
-def _teardown(
-    place: JobDir | None,
-    root: Path | None,
-    cgroup: JobCgroup | None,
-    volume_fds: list[tuple[int, str]],
-    ids: idmap.JobIds | None,
-) -> None:
-    """Free what a job that ended left (see runtime.tidier): volumes it never got, its
-    directory (setid bits stripped from its volumes first), its cgroup, and its ids last."""
-    try:
-        for fd, _ in volume_fds:
-            os.close(fd)
-        try:
-            if place is not None:
-                place.remove()
-            elif root is not None:
-                remove_tree(root)
-        finally:
-            if cgroup is not None:
-                cgroup.remove()
-    finally:
-        if ids is not None:
-            ids.release()  # no process and no file of the job is left under them
 
 
 def _cpu_limit_note(exit_code: int, cpu: float | None, limit: int) -> list[str]:
