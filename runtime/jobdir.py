@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -177,7 +178,8 @@ class JobDir:
                 stripped = strip_setid(fd)
                 if stripped:
                     log.warning("stripped setuid/setgid bits from %d file(s) in a volume", stripped)
-            remove_tree(self.root)
+            if not self._remove_own():
+                remove_tree(self.root)
         finally:
             for fd in self.volume_fds:
                 os.close(fd)
@@ -185,6 +187,41 @@ class JobDir:
             if self.lock_fd >= 0:
                 os.close(self.lock_fd)
                 self.lock_fd = -1
+
+    def _remove_own(self) -> bool:
+        """The tree as the worker left it, unmounted, removed by name: the plain files of
+        control/, then the three directories; no mount table read, no walk. False, with
+        nothing removed that the worker did not make, where anything else is there (a job
+        under `none` may write, even mount, anywhere): remove_tree then looks at all of it."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            root = os.open(self.root, flags)
+        except OSError:
+            return False
+        try:
+            device = os.fstat(root).st_dev
+            control = os.open("control", flags, dir_fd=root)
+            try:
+                with os.scandir(control) as entries:
+                    files = list(entries)
+                for entry in files:
+                    info = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode) or info.st_dev != device:
+                        return False  # a link, a directory, something mounted: not ours
+                    os.unlink(entry.name, dir_fd=control)
+            finally:
+                os.close(control)
+            os.rmdir("control", dir_fd=root)
+            os.rmdir("job", dir_fd=root)  # EBUSY if mounted on, ENOTEMPTY if written to
+        except OSError:
+            return False
+        finally:
+            os.close(root)
+        try:
+            os.rmdir(self.root)
+        except OSError:
+            return False
+        return True
 
 
 LOCK = "owner.lock"

@@ -319,3 +319,28 @@ def test_adopting_a_volume_leaves_a_hard_link_to_another_file_alone(tmp_path: Pa
     os.link(outside, volume / "linked")  # what a job could not do, planted as root
     run(r, "# volume: cache\ntrue\n", "adopt-link2")
     assert outside.stat().st_uid == 0
+
+
+@pytest.mark.req("R-JOB-5")
+def test_what_a_root_job_adds_around_its_dir_goes_and_a_mount_it_made_is_not_walked(
+    tmp_path: Path,
+) -> None:
+    """Under `none` the job is root: it writes beside its job dir (into control/ and the job's
+    root), links to a host file and binds a host directory inside its job dir. The fast
+    removal of what the worker made must step aside, and the full one must remove all of
+    it without deleting a byte of the host directory."""
+    r = runner(tmp_path, "none")
+    host = tmp_path / "host-data"
+    host.mkdir()
+    (host / "precious").write_text("keep me\n")
+    script = (
+        "mkdir ../control/sub && touch ../control/sub/f ../stray && "
+        f"ln -s {host}/precious ../control/link && "
+        f"mkdir mnt && mount --bind {host} mnt && cat mnt/precious\n"
+    )
+    result = run(r, script, "rootmess00000001")
+    assert (result.status, result.stdout) == ("success", "keep me\n"), result
+    r.settle()
+    assert (host / "precious").read_text() == "keep me\n"
+    assert not (r.jobs_dir / "rootmess00000001").exists()
+    assert str(host) not in Path("/proc/self/mountinfo").read_text()
