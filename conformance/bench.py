@@ -132,7 +132,9 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
                 check=True,
             )
 
-        runtime_s, raw_s = _interleaved(through_runtime, through_raw, runs)
+        # The teardown runs behind the job on the tidier's thread (runtime.tidier), as in a
+        # worker: not timed, and done before the raw tool's run, which it would slow.
+        runtime_s, raw_s = _interleaved(through_runtime, through_raw, runs, runner.wait_teardowns)
         runner.settle()
     runtime_ms, raw_ms = _stats(runtime_s), _stats(raw_s)
     return {
@@ -264,13 +266,14 @@ def throughput(backend: str, jobs: int, postgres: str | None = None) -> list[dic
 
 def worker_jobs_per_s(backend: str, jobs: int, database_url: str | None, workers: int) -> float:
     """`workers` `orvanta worker` processes on one queue (SQLite in the first one's state dir
-    without a URL); counted from the moment the last of them pulls jobs."""
+    without a URL); timed from the first submission, made once all of them pull jobs (jobs
+    queued before could all be done by the time the last worker is up), to the last
+    result."""
     from runtime.queue import JobQueue  # not at import: `orvanta` loads this for every command
 
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
         let_jobs_through(Path(tmp))
         queue = JobQueue.open(database_url, Path(tmp) / "state-0")
-        ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
         procs, logs = [], []
         try:
             for n in range(workers):
@@ -296,13 +299,13 @@ def worker_jobs_per_s(backend: str, jobs: int, database_url: str | None, workers
                     if proc.poll() is not None:
                         raise RuntimeError(f"bench worker exited at start: {log.read_text()}")
                 time.sleep(0.005)  # start-up is not part of the rate
-            done_before = queue.counts().get("done", 0)
             started = time.monotonic()
+            ids = [queue.submit("bash", SCRIPTS["bash"]) for _ in range(jobs)]
             queue.wait(ids[-1], 300, poll=0.005)
             while queue.counts().get("done", 0) < jobs and time.monotonic() - started < 300:
                 time.sleep(0.005)  # with two workers the last submitted is not the last done
             elapsed = time.monotonic() - started
-            done: int = queue.counts().get("done", 0) - done_before
+            done: int = queue.counts().get("done", 0)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -365,15 +368,22 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _interleaved(
-    first: Callable[[], None], second: Callable[[], None], runs: int
+    first: Callable[[], None],
+    second: Callable[[], None],
+    runs: int,
+    between: Callable[[], None] = lambda: None,
 ) -> tuple[list[float], list[float]]:
-    """Seconds per call of each, alternating so that machine noise hits both alike."""
+    """Seconds per call of each, alternating so that machine noise hits both alike;
+    `between` runs untimed after each call of `first`, so that what it left behind
+    (the runtime's teardown) does not slow the timing of `second`."""
     for _ in range(3):  # warm caches and the page cache for both
         first()
+        between()
         second()
     first_s, second_s = [], []
     for _ in range(runs):
         first_s.append(_timed(first))
+        between()
         second_s.append(_timed(second))
     return first_s, second_s
 

@@ -144,25 +144,44 @@ class JobCgroup:
         """
         hierarchy = self.path.parent.parent if not self.v2 else ROOT
         member, who = ("cgroup.procs", str(os.getpid()).encode()) if self.v2 else ("tasks", b"0")
-        home = _home(hierarchy, member)
+        home, home_path = _home(hierarchy, member)
         _write(self.path / member, who)
         try:
             yield
         finally:
             try:
                 os.write(home, who)
-            except OSError:  # the home group was removed meanwhile: look it up again
+            except OSError as exc:
+                # The home group was removed meanwhile. Never asked of /proc from in here (it
+                # would name the job's group): the hierarchy's root, which always exists.
                 _forget_home(hierarchy, member)
                 try:
-                    os.write(_home(hierarchy, member), who)
-                except (OSError, RuntimeError) as exc:
-                    log.error("worker stays in job group %s: %s", self.path, exc)
+                    _write(hierarchy / member, who)
+                    log.warning(
+                        "home cgroup %s is gone (%s); the worker moved to %s",
+                        home_path,
+                        exc,
+                        hierarchy,
+                    )
+                except OSError as again:
+                    log.error("worker stays in job group %s: %s", self.path, again)
 
     def kill_all(self, deadline: float = 5.0) -> int:
         """SIGKILL every process in the group until it is empty; returns how many were hit."""
         killed = 0
-        if not self.pids():
+        pids = self.pids()
+        if not pids:
             return 0
+        if os.getpid() in pids:  # stuck in it (see entered): no freeze, no cgroup.kill
+            log.error(
+                "the worker is in job group %s: its processes are killed one by one", self.path
+            )
+            for pid in pids:
+                if pid != os.getpid():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed += 1
+            return killed
         end = time.monotonic() + deadline
         if self.v2 and (self.path / "cgroup.kill").exists():
             pids = self.pids()
@@ -221,22 +240,24 @@ def _counts_subgroups(parent: Path) -> bool:
     return _COUNTED[parent]
 
 
-_HOMES: dict[tuple[Path, str, int, int], int] = {}
+_HOMES: dict[tuple[Path, str, int, int], tuple[int, Path]] = {}
 
 
-def _home(hierarchy: Path, member: str) -> int:
-    """An open fd on `member` of the calling thread's group at its first job: where it
-    returns after each spawn. One per thread (v1 moves threads one by one) and process."""
+def _home(hierarchy: Path, member: str) -> tuple[int, Path]:
+    """An open fd on `member` of the calling thread's group at its first job, and its path:
+    where it returns after each spawn. One per thread (v1 moves threads one by one) and
+    process; looked up only while the thread is outside every job's group."""
     key = (hierarchy, member, os.getpid(), threading.get_native_id())
     if key not in _HOMES:
-        _HOMES[key] = os.open(_own_group(hierarchy) / member, os.O_WRONLY | os.O_CLOEXEC)
+        path = _own_group(hierarchy) / member
+        _HOMES[key] = (os.open(path, os.O_WRONLY | os.O_CLOEXEC), path)
     return _HOMES[key]
 
 
 def _forget_home(hierarchy: Path, member: str) -> None:
-    fd = _HOMES.pop((hierarchy, member, os.getpid(), threading.get_native_id()), None)
-    if fd is not None:
-        os.close(fd)
+    home = _HOMES.pop((hierarchy, member, os.getpid(), threading.get_native_id()), None)
+    if home is not None:
+        os.close(home[0])
 
 
 def _own_group(hierarchy: Path) -> Path:

@@ -87,6 +87,7 @@ class JobRunner:
         self._tidier = Tidier()  # what finished jobs leave goes behind the next one's start
         self._ahead: list[JobDir] = []  # a job dir the tidier made for the next job
         self._ahead_lock = threading.Lock()
+        self._tearing_down: set[str] = set()  # job ids whose teardown is still to be done
         atexit.register(self.settle)  # the tidier's thread would die mid-teardown at exit
 
     def run(
@@ -103,7 +104,11 @@ class JobRunner:
             decision = select_isolation(settings, self.caps, annotated)
             backend = make_backend(decision.backend, settings, self.caps)
             if backend.own_ids() and idmap.hardened(settings):
-                ids = idmap.take_ids(settings)
+                try:
+                    ids = idmap.take_ids(settings)
+                except idmap.JobIdsExhaustedError:
+                    self._tidier.settle()  # finished jobs may still hold theirs
+                    ids = idmap.take_ids(settings)
             owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
             volume_fds = self._volumes(spec, owner, timeout=spec.timeout or settings.job_timeout)
         except (IsolationUnavailableError, ValueError, OSError, RuntimeError) as exc:
@@ -117,6 +122,10 @@ class JobRunner:
         return self._run(
             spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started
         )
+
+    def wait_teardowns(self) -> None:
+        """Wait until what every finished job left is removed; the next job's dir stays."""
+        self._tidier.settle()
 
     def settle(self) -> None:
         """Wait until what every finished job left is removed, and remove the job dir made
@@ -133,6 +142,7 @@ class JobRunner:
 
     def _tidy(
         self,
+        job_id: str,
         place: JobDir | None,
         root: Path | None,
         cgroup: JobCgroup | None,
@@ -141,7 +151,9 @@ class JobRunner:
     ) -> None:
         """On the tidier's thread (see runtime.tidier), once the job ended: volumes it never
         got, its directory (setid bits stripped from its volumes first), its cgroup, its ids
-        last; then a job dir for the next job."""
+        last, and only if nothing of the job is left (else they stay out of use, logged);
+        then a job dir for the next job."""
+        clean = False
         try:
             for fd, _ in volume_fds:
                 os.close(fd)
@@ -153,9 +165,20 @@ class JobRunner:
             finally:
                 if cgroup is not None:
                     cgroup.remove()
+            clean = not (root is not None and root.exists()) and not (
+                cgroup is not None and cgroup.path.exists()
+            )
         finally:
-            if ids is not None:
+            if ids is not None and clean:
                 ids.release()  # no process and no file of the job is left under them
+            elif ids is not None:
+                log.error(
+                    "job ids %d:%d stay out of use until the worker restarts: their job's "
+                    "directory or cgroup could not be removed (see above)",
+                    *ids.owner,
+                )
+            with self._ahead_lock:
+                self._tearing_down.discard(job_id)
         with self._ahead_lock:
             wanted = not self._ahead and JobDir.renames
         if wanted:
@@ -179,7 +202,9 @@ class JobRunner:
         once it ended (`_tidy`), whatever happens on the way."""
         job_log: list[str] = []
         root = self.jobs_dir / spec.id
-        if root.exists():
+        with self._ahead_lock:
+            again = spec.id in self._tearing_down
+        if again or root.exists():
             self._tidier.settle()  # this worker's own last attempt may still be in teardown
         cgroup: JobCgroup | None = None
         place: JobDir | None = None
@@ -215,14 +240,18 @@ class JobRunner:
                     if cgroup and cgroup.nsjail_parents
                     else nsjail_cgroup_parent()
                 )
-            place = JobDir.create(
-                self.jobs_dir,
-                spec.id,
-                owner,
-                settings.limits.disk_mb,
-                self._mount,
-                self._take_ahead(),
-            )
+            try:
+                place = JobDir.create(
+                    self.jobs_dir,
+                    spec.id,
+                    owner,
+                    settings.limits.disk_mb,
+                    self._mount,
+                    self._take_ahead(),
+                )
+            except FileExistsError:
+                ours = False  # another worker's attempt made it meanwhile: not ours to remove
+                raise
             if self._mount and not place.quota:
                 self._mount = False
                 log.warning(
@@ -263,9 +292,14 @@ class JobRunner:
                     "(ORVANTA_JOB_DISK_MB); writes past it failed with ENOSPC"
                 )
         finally:
+            if place is not None:
+                place.unmount()  # no later job's namespace may copy its mounts
+            with self._ahead_lock:
+                self._tearing_down.add(spec.id)
             self._tidier.submit(
                 functools.partial(
                     self._tidy,
+                    spec.id,
                     place,
                     root if ours else None,
                     cgroup if ours else None,
@@ -297,6 +331,7 @@ class JobRunner:
         requests = volume_annotations(spec.script)
         if not requests:
             return []
+        self._tidier.settle()  # an earlier job may still hold one of them until its teardown
         script = language(spec.language).filename
         if any(r.target == script for r in requests):
             raise ValueError(f"volume target {script!r} is the job's own script; name another")
@@ -332,13 +367,16 @@ class JobRunner:
         # for the spawn; every process of the job inherits them, with no race.
         spared = frozenset(reaper.own_children())
         joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
-        fds = [os.open(path, os.O_RDONLY | os.O_CLOEXEC) for path in launch.read_files]
+        fds: list[int] = []
         stdin = subprocess.DEVNULL
-        if launch.stdin_file is not None:  # fd 0 of the launcher only: CLOEXEC, not passed
-            stdin = os.open(launch.stdin_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            for path in launch.read_files:
+                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+            if launch.stdin_file is not None:  # fd 0 of the launcher only: CLOEXEC, not passed
+                stdin = os.open(launch.stdin_file, os.O_RDONLY | os.O_CLOEXEC)
             argv = launch.argv_for(fds)
-            with joined, _oom_score(JOB_OOM_SCORE_ADJ):
+            # no helper of the tidier's is spawned meanwhile: on v2 it would be born in here
+            with reaper.spawning(), joined, _oom_score(JOB_OOM_SCORE_ADJ):
                 proc = subprocess.Popen(
                     argv,
                     stdin=stdin,
@@ -393,7 +431,7 @@ def _job_env(spec: JobSpec, home: str) -> dict[str, str]:
     """
     env = {"PATH": JOB_PATH, "HOME": home, "LANG": "C.UTF-8", "ORVANTA_JOB_ID": spec.id}
     for name, value in spec.env.items():
-        if ENV_NAME.match(name) and "\x00" not in value:
+        if ENV_NAME.fullmatch(name) and "\x00" not in value:
             env[name] = value
         else:
             log.warning("job %s: variable %r dropped: not a variable name", spec.id, name)

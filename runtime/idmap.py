@@ -147,7 +147,7 @@ def take_ids(settings: Settings, locks: Path = ID_LOCKS) -> JobIds:
     only while its job runs; a lock taken on a name its holder just unlinked is
     told by the inode and skipped.
     """
-    if locks not in _CHECKED_LOCKS:  # once per process: only root could change it after
+    if locks not in _CHECKED_LOCKS or not locks.is_dir():  # checked once, made again if gone
         locks.mkdir(mode=0o700, parents=True, exist_ok=True)
         held = locks.stat()
         if held.st_uid != os.geteuid() or held.st_mode & 0o022:

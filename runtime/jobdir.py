@@ -85,11 +85,12 @@ class JobDir:
             root = jobs_root / job_id
             try:
                 mounts.rename_noreplace(str(ahead.root), str(root))
-            except OSError as exc:
+            except BaseException as exc:
                 ahead.remove()
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                    raise
-                cls.renames = False  # this filesystem cannot: every job dir is made on the spot
+                if not isinstance(exc, OSError) or exc.errno == errno.EEXIST:
+                    raise  # EEXIST: another worker's attempt at this job made it meanwhile
+                cls.renames = False  # every job dir is made on the spot from now on
+                log.warning("job dirs are not made ahead here: %s", exc)
                 return cls.create(jobs_root, job_id, owner, disk_mb, mount)
             place = cls(root, root / "job", root / "control", quota=False, lock_fd=ahead.lock_fd)
             ahead.lock_fd = -1  # the job's place holds it now
@@ -164,16 +165,21 @@ class JobDir:
             return False
         return st.f_bavail * st.f_frsize < 64 * 1024
 
+    def unmount(self) -> None:
+        """Detach the job's tmpfs and volume binds: gone at once from every mount table, so
+        a later job's namespace copies none of them (the rest may wait: runtime.tidier)."""
+        for target in reversed(self.mounted):
+            try:
+                mounts.detach(target)
+            except OSError as exc:
+                log.error("cannot unmount %s: %s", target, exc)
+        self.mounted.clear()
+
     def remove(self) -> None:
         """Unmount, strip setid bits the job left in its volumes, and delete the rest; the fds
         and the lock are let go whatever fails on the way."""
         try:
-            for target in reversed(self.mounted):
-                try:
-                    mounts.detach(target)
-                except OSError as exc:
-                    log.error("cannot unmount %s: %s", target, exc)
-            self.mounted.clear()
+            self.unmount()
             for fd in self.volume_fds:
                 stripped = strip_setid(fd)
                 if stripped:
@@ -203,8 +209,8 @@ class JobDir:
             control = os.open("control", flags, dir_fd=root)
             try:
                 with os.scandir(control) as entries:
-                    files = list(entries)
-                for entry in files:
+                    files = sorted(entries, key=lambda e: e.name == LOCK)  # the lock last:
+                for entry in files:  # a dir left with no lock would never be swept
                     info = entry.stat(follow_symlinks=False)
                     if not stat.S_ISREG(info.st_mode) or info.st_dev != device:
                         return False  # a link, a directory, something mounted: not ours

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
 
@@ -78,7 +79,11 @@ RENAME_NOREPLACE = 1
 def rename_noreplace(source: str, target: str) -> None:
     """rename(2) that fails with EEXIST instead of replacing an empty directory at `target`;
     OSError(EINVAL or ENOSYS) where the kernel or filesystem has no RENAME_NOREPLACE."""
-    result = _libc().renameat2(
+    try:
+        renameat2 = _libc().renameat2
+    except AttributeError:  # a libc without it (musl, glibc before 2.28)
+        raise OSError(errno.ENOSYS, "renameat2 is not in this libc", target) from None
+    result = renameat2(
         AT_FDCWD, source.encode(), AT_FDCWD, target.encode(), ctypes.c_uint(RENAME_NOREPLACE)
     )
     if result != 0:

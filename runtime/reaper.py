@@ -58,6 +58,11 @@ def run_helper(argv: list[str]) -> int:
             _helpers.discard(proc.pid)
 
 
+def spawning() -> threading.Lock:
+    """Held while the worker spawns a job: no helper starts inside the job's cgroup."""
+    return _helpers_lock
+
+
 def _job_children(spared: frozenset[int]) -> list[int]:
     with _helpers_lock:
         return [pid for pid in own_children() if pid not in spared and pid not in _helpers]

@@ -142,7 +142,7 @@ def check_env(env: Mapping[str, str]) -> None:
     for name, value in env.items():
         if not isinstance(name, str) or not isinstance(value, str):
             raise SubmissionError(f"job variable {_shown(str(name))}: names and values are text")
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             problem = storable_problem(name)
             raise SubmissionError(
                 f"job variable name {_shown(name)} is not valid"

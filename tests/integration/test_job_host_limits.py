@@ -344,3 +344,18 @@ def test_what_a_root_job_adds_around_its_dir_goes_and_a_mount_it_made_is_not_wal
     assert (host / "precious").read_text() == "keep me\n"
     assert not (r.jobs_dir / "rootmess00000001").exists()
     assert str(host) not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.req("R-JOB-3", "R-JOB-5")
+@pytest.mark.parametrize("backend", ["none", "unshare", "nsjail"])
+def test_a_retry_right_behind_its_first_attempt_runs_clean(tmp_path: Path, backend: str) -> None:
+    """The same job id again while the tidier may still remove the first attempt (a lease
+    lost and the job claimed back by this worker): it waits for that teardown, runs in a
+    directory and cgroup of its own, and nothing of either attempt is left."""
+    r = runner(tmp_path, backend)
+    for attempt in ("first", "second"):
+        result = run(r, f"echo {attempt} > mark && cat mark\n", "retried000000001")
+        assert (result.status, result.stdout) == ("success", f"{attempt}\n"), result
+    r.settle()
+    assert not (r.jobs_dir / "retried000000001").exists()
+    assert list(r.jobs_dir.iterdir()) == []

@@ -145,6 +145,7 @@ def test_ordinary_variables_are_accepted() -> None:
         "A\x00B",
         "A\ud800",
         "\u00c4RGER",
+        "TRAILING_NEWLINE\n",  # a regex `$` matches before it: the whole name must match
     ],
 )
 def test_names_the_environment_or_the_database_cannot_hold_are_refused(name: str) -> None:
