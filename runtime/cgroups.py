@@ -14,10 +14,12 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("orvanta.cgroups")
@@ -25,6 +27,7 @@ log = logging.getLogger("orvanta.cgroups")
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "orvanta"
 NSJAIL_CONTROLLERS = ("memory", "pids", "cpu")
+AHEAD = ".ahead-"  # a v1 group made before its job: `.ahead-<worker pid>-<random>`
 
 
 @functools.cache
@@ -76,14 +79,19 @@ class JobCgroup:
         self.fresh = fresh  # False: left by a killed worker's attempt at the same job
 
     @classmethod
-    def create(cls, job_id: str, nsjail: bool = False) -> JobCgroup | None:
+    def create(
+        cls, job_id: str, nsjail: bool = False, ahead: AheadGroups | None = None
+    ) -> JobCgroup | None:
         """The job's group (an existing one, left by a killed worker, is reused and emptied
-        by the caller), or None where this process may not make one."""
+        by the caller), or None where this process may not make one. Groups of `ahead` are
+        renamed to the job's where they can be; it keeps the ones the job did not need."""
         v2 = is_v2()
         base = ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
         path = base / f"job-{job_id}"
         fresh = True
         for _ in range(2):
+            if ahead is not None and ahead.take("freezer", path):
+                break
             try:
                 if base not in _MADE:
                     base.mkdir(exist_ok=True)
@@ -104,6 +112,9 @@ class JobCgroup:
         if nsjail and not v2:
             for controller in NSJAIL_CONTROLLERS:
                 parent = ROOT / controller / job_group(job_id)
+                if ahead is not None and ahead.take(controller, parent):
+                    parents.append(parent)
+                    continue
                 try:
                     parent.mkdir(parents=True, exist_ok=True)
                     parents.append(parent)
@@ -227,6 +238,95 @@ class JobCgroup:
 
 
 _MADE: set[Path] = set()  # parents this process has made (or found) already
+
+
+@dataclass
+class AheadGroups:
+    """Empty groups made off the job's path, in the worker's pause (runtime.tidier), for a
+    job not yet known: on v1 a group may be renamed within its parent, so the job's path
+    renames them to the job's (`JobCgroup.create`), a call each instead of a mkdir (a
+    memory group's costs the most). v2 cannot rename groups: there they are made on the
+    path. Named with the worker's pid: a starting worker removes a dead one's
+    (`sweep_ahead`)."""
+
+    groups: dict[str, Path] = field(default_factory=dict)  # controller -> its group
+
+    def fill(self, nsjail: bool) -> None:
+        """The tracking group, and nsjail's parents if `nsjail`, for each one missing."""
+        if is_v2():
+            return
+        name = f"{AHEAD}{os.getpid()}-{secrets.token_hex(6)}"
+        for controller in ("freezer", *(NSJAIL_CONTROLLERS if nsjail else ())):
+            if controller in self.groups:
+                continue
+            group = ROOT / controller / PARENT / name
+            try:
+                group.mkdir()
+            except OSError as exc:  # no such hierarchy or parent yet: made on the path
+                log.debug("no %s group made ahead: %s", controller, exc)
+                continue
+            self.groups[controller] = group
+            _AHEAD_HERE.add(group)
+
+    def take(self, controller: str, target: Path) -> bool:
+        """`controller`'s group renamed to `target` (the job's). False where there is none or
+        the rename fails (`target` exists: a retry); the group is then removed."""
+        group = self.groups.pop(controller, None)
+        if group is None:
+            return False
+        _AHEAD_HERE.discard(group)
+        try:
+            os.rename(group, target)
+        except OSError as exc:
+            log.debug("group %s not renamed to %s: %s", group, target, exc)
+            _rmdir(group)
+            return False
+        return True
+
+    def remove(self) -> None:
+        for group in self.groups.values():
+            _AHEAD_HERE.discard(group)
+            _rmdir(group)
+        self.groups.clear()
+
+
+_AHEAD_HERE: set[Path] = set()  # made ahead by this process and not yet taken or removed
+
+
+def sweep_ahead() -> list[Path]:
+    """Remove the groups made ahead by workers that are gone: no process has their pid, or
+    it is this one's but this process did not make them (a restarted container's worker
+    may get the pid its predecessor had)."""
+    if is_v2():
+        return []
+    swept = []
+    for controller in ("freezer", *NSJAIL_CONTROLLERS):
+        parent = ROOT / controller / PARENT
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            pid = name[len(AHEAD) :].split("-", 1)[0]
+            if not name.startswith(AHEAD) or not pid.isdigit():
+                continue
+            mine = int(pid) == os.getpid()
+            if (mine and parent / name in _AHEAD_HERE) or (not mine and _alive(int(pid))):
+                continue
+            with contextlib.suppress(OSError):
+                os.rmdir(parent / name)
+                swept.append(parent / name)
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: asks, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 _COUNTED: dict[Path, bool] = {}

@@ -21,17 +21,17 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from runtime import idmap, reaper
-from runtime.backends import Backend, Launch, PreparedJob, make_backend
+from runtime.backends import Backend, Launch, PreparedJob, make_backend, memory_file
 from runtime.capabilities import HostCapabilities
-from runtime.cgroups import JobCgroup, job_group, nsjail_cgroup_parent
+from runtime.cgroups import AheadGroups, JobCgroup, job_group, nsjail_cgroup_parent, sweep_ahead
 from runtime.jobdir import JobDir, held, remove_tree, sweep_orphans
 from runtime.jobs import JobResult as JobResult  # re-exported: conformance.harness imports it
 from runtime.jobs import JobSpec
-from runtime.languages import is_plain_name, language, volume_annotations, wants_sandbox
+from runtime.languages import VolumeRequest, is_plain_name, language, parse_header
 from runtime.selection import Decision, IsolationUnavailableError, select_isolation
 from runtime.settings import Settings
 from runtime.submission import ENV_NAME_PATTERN
@@ -82,12 +82,18 @@ class JobRunner:
         swept = sweep_orphans(self.jobs_dir)
         if swept:
             log.warning("removed %d job dir(s) a killed worker left: %s", len(swept), swept)
+        groups = sweep_ahead()
+        if groups:
+            log.info("removed %d empty cgroup(s) a stopped worker made ahead", len(groups))
         reaper.become_subreaper()  # a job's process that leaves its cgroup is still ours
         self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
-        self._tidier = Tidier()  # what finished jobs leave goes behind the next one's start
+        self._tidier = Tidier()  # what finished jobs leave goes while the next one runs
         self._ahead: list[JobDir] = []  # a job dir the tidier made for the next job
+        self._groups_ahead = AheadGroups()  # cgroups the tidier made for the next job (v1)
+        self._nsjail_next = False  # the last job ran under nsjail: make its parents ahead
         self._ahead_lock = threading.Lock()
         self._tearing_down: set[str] = set()  # job ids whose teardown is still to be done
+        self._backends: dict[tuple[str, Settings], Backend] = {}
         atexit.register(self.settle)  # the tidier's thread would die mid-teardown at exit
 
     def run(
@@ -100,9 +106,10 @@ class JobRunner:
         volume_fds: list[tuple[int, str]] = []
         ids: idmap.JobIds | None = None
         try:
-            annotated = wants_sandbox(spec.script)
+            header = parse_header(spec.script)  # fail closed on a near miss (R-ANN-1)
+            annotated = header.sandbox
             decision = select_isolation(settings, self.caps, annotated)
-            backend = make_backend(decision.backend, settings, self.caps)
+            backend = self._backend(decision.backend, settings)
             if backend.own_ids() and idmap.hardened(settings):
                 try:
                     ids = idmap.take_ids(settings)
@@ -110,7 +117,9 @@ class JobRunner:
                     self._tidier.settle()  # finished jobs may still hold theirs
                     ids = idmap.take_ids(settings)
             owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
-            volume_fds = self._volumes(spec, owner, timeout=spec.timeout or settings.job_timeout)
+            volume_fds = self._volumes(
+                spec, header.volumes, owner, timeout=spec.timeout or settings.job_timeout
+            )
         except (IsolationUnavailableError, ValueError, OSError, RuntimeError) as exc:
             for fd, _ in volume_fds:
                 os.close(fd)
@@ -124,7 +133,8 @@ class JobRunner:
         )
 
     def wait_teardowns(self) -> None:
-        """Wait until what every finished job left is removed; the next job's dir stays."""
+        """Remove what every finished job left now (a worker with no job to run yet, the
+        bench between samples); the next job's dir stays."""
         self._tidier.settle()
 
     def settle(self) -> None:
@@ -133,8 +143,28 @@ class JobRunner:
         self._tidier.settle()
         with self._ahead_lock:
             ahead, self._ahead = self._ahead, []
+            groups, self._groups_ahead = self._groups_ahead, AheadGroups()
         for place in ahead:
             place.remove()
+        groups.remove()
+
+    def close(self) -> None:
+        """`settle`, for a runner done with (a test): nothing is left for the exit."""
+        self.settle()
+        atexit.unregister(self.settle)
+
+    def __enter__(self) -> JobRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _backend(self, name: str, settings: Settings) -> Backend:
+        """One backend per name and settings (a live job_isolation change is new settings)."""
+        key = (name, settings)
+        if key not in self._backends:
+            self._backends = {key: make_backend(name, settings, self.caps)}  # the last only
+        return self._backends[key]
 
     def _take_ahead(self) -> JobDir | None:
         with self._ahead_lock:
@@ -149,16 +179,21 @@ class JobRunner:
         volume_fds: list[tuple[int, str]],
         ids: idmap.JobIds | None,
     ) -> None:
-        """On the tidier's thread (see runtime.tidier), once the job ended: volumes it never
-        got, its directory (setid bits stripped from its volumes first), its cgroup, its ids
-        last, and only if nothing of the job is left (else they stay out of use, logged);
-        then a job dir for the next job."""
+        """By the tidier (see runtime.tidier), once the job ended: volumes it never got, its
+        directory (setid bits stripped from its volumes first; left as the worker made it,
+        it becomes the next job's), its cgroup, its ids last, and only if nothing of the job
+        is left (else they stay out of use, logged); then a job dir for the next job."""
         clean = False
+        recycled: JobDir | None = None
         try:
             for fd, _ in volume_fds:
                 os.close(fd)
             try:
-                if place is not None:
+                with self._ahead_lock:
+                    wanted = not self._ahead and JobDir.renames
+                if place is not None and wanted and place.recycle(self.jobs_dir):
+                    recycled = place  # the next job's, ahead: nothing of this job is in it
+                elif place is not None:
                     place.remove()
                 elif root is not None:
                     remove_tree(root)
@@ -181,10 +216,18 @@ class JobRunner:
                 self._tearing_down.discard(job_id)
         with self._ahead_lock:
             wanted = not self._ahead and JobDir.renames
-        if wanted:
-            made = JobDir.ahead(self.jobs_dir)
+        if recycled is not None or wanted:
+            made = recycled or JobDir.ahead(self.jobs_dir)
+            if self._mount:
+                made.mount_ahead(self.settings.limits.disk_mb)
             with self._ahead_lock:
                 self._ahead.append(made)
+        with self._ahead_lock:
+            groups, self._groups_ahead = self._groups_ahead, AheadGroups()
+        groups.fill(self._nsjail_next)
+        with self._ahead_lock:
+            self._groups_ahead.remove()  # made meanwhile by another thread's teardown
+            self._groups_ahead = groups
 
     def _run(
         self,
@@ -204,8 +247,10 @@ class JobRunner:
         root = self.jobs_dir / spec.id
         with self._ahead_lock:
             again = spec.id in self._tearing_down
-        if again or root.exists():
+        present = again or root.exists()
+        if present:
             self._tidier.settle()  # this worker's own last attempt may still be in teardown
+            present = root.exists()  # else one made meanwhile is another worker's: see create
         cgroup: JobCgroup | None = None
         place: JobDir | None = None
         ours = False  # the root and cgroup are this attempt's, not a live worker's
@@ -216,17 +261,27 @@ class JobRunner:
             if decision.backend == "nsjail" and annotated:
                 job_log.append("sandbox mode (nsjail)")
             timeout = spec.timeout or settings.job_timeout
-            cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups)
+            self._nsjail_next = backend.own_cgroups
+            with self._ahead_lock:
+                groups, self._groups_ahead = self._groups_ahead, AheadGroups()
+            try:
+                cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups, ahead=groups)
+            finally:
+                with self._ahead_lock:  # what this job did not take waits for the next
+                    self._groups_ahead.remove()
+                    self._groups_ahead = groups
             # A fresh tracking group holds no process of an earlier attempt, but that
             # attempt's directory may survive it (a reboot or container restart resets
             # cgroups only).
             stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
-            if root.exists() and held(root):
+            if stale and not present:
+                present = root.exists()  # a live attempt's group: its dir may be new too
+            if present and held(root):
                 why = "another worker still runs this job (it lost the lease); try again later"
                 job_log.append(f"error: {why}")
                 return JobResult(spec.id, decision.backend, "error", None, 0.0, "", why, job_log)
             ours = True
-            if stale or root.exists():
+            if stale or present:
                 # A retry after a worker died mid-job: nothing of that attempt may linger.
                 killed = cgroup.kill_all() if cgroup is not None else 0
                 remove_tree(root)
@@ -323,12 +378,15 @@ class JobRunner:
         )
 
     def _volumes(
-        self, spec: JobSpec, owner: tuple[int, int], timeout: float
+        self,
+        spec: JobSpec,
+        requests: tuple[VolumeRequest, ...],
+        owner: tuple[int, int],
+        timeout: float,
     ) -> list[tuple[int, str]]:
         """The workspace's volumes the script header names, opened safely (R-ANN-4, R-VOL-2),
         each held by this job alone and owned by its ids (a volume outlives the uid of the
         job that wrote it)."""
-        requests = volume_annotations(spec.script)
         if not requests:
             return []
         self._tidier.settle()  # an earlier job may still hold one of them until its teardown
@@ -370,10 +428,10 @@ class JobRunner:
         fds: list[int] = []
         stdin = subprocess.DEVNULL
         try:
-            for path in launch.read_files:
-                fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-            if launch.stdin_file is not None:  # fd 0 of the launcher only: CLOEXEC, not passed
-                stdin = os.open(launch.stdin_file, os.O_RDONLY | os.O_CLOEXEC)
+            for data in launch.inputs:
+                fds.append(memory_file(data))
+            if launch.stdin is not None:  # fd 0 of the launcher only: CLOEXEC, not passed
+                stdin = memory_file(launch.stdin)
             argv = launch.argv_for(fds)
             # no helper of the tidier's is spawned meanwhile: on v2 it would be born in here
             with reaper.spawning(), joined, _oom_score(JOB_OOM_SCORE_ADJ):
@@ -394,7 +452,9 @@ class JobRunner:
             if stdin != subprocess.DEVNULL:
                 os.close(stdin)
         try:
-            out, err, stopped = _collect(proc, job.timeout, self.settings.output_limit, cancel)
+            out, err, stopped = _collect(
+                proc, job.timeout, self.settings.output_limit, cancel, self._tidier.settle
+            )
         finally:
             survivors, escaped, cpu = _kill_job(proc, cgroup, spared)
         notes = [n for n in (out.note("stdout"), err.note("stderr")) if n]
@@ -505,10 +565,16 @@ class _Capped:
 
 
 def _collect(
-    proc: subprocess.Popen[bytes], timeout: float, limit: int, cancel: Cancellation | None
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    limit: int,
+    cancel: Cancellation | None,
+    meanwhile: Callable[[], None] = lambda: None,
 ) -> tuple[_Capped, _Capped, bool]:
     """Read both pipes until the job's main process exits; True when stopped first
-    (deadline passed or canceled).
+    (deadline passed or canceled). `meanwhile` runs once the job is started, before the
+    first wait for it (the last jobs' teardown: runtime.tidier); the deadline counts from
+    the spawn all the same.
 
     A pidfd tells us the moment the main process exits even while a leftover child
     still holds the pipes open; what is already buffered is read for a short grace
@@ -528,6 +594,7 @@ def _collect(
             if cancel is not None:
                 sel.register(cancel.fileno(), selectors.EVENT_READ)
             waited_on = len(sel.get_map()) - len(streams)
+            meanwhile()
             exited_at: float | None = None
             while exited_at is None or len(sel.get_map()) > waited_on:
                 now = time.monotonic()

@@ -42,7 +42,10 @@ class JobDir:
     mounted: list[str] = field(default_factory=list)  # innermost last
     volume_fds: list[int] = field(default_factory=list)
     lock_fd: int = -1  # flock held while the job lives
+    mount_fd: int = -1  # made ahead: the job dir's tmpfs, detached (`mounts.detached_tmpfs`)
+    mount_mb: int = 0  # its size
     renames: ClassVar[bool] = True  # job dirs made ahead can be renamed to a job's id here
+    detached_mounts: ClassVar[bool] = True  # the kernel makes detached mounts for us
 
     @classmethod
     def make(cls, jobs_root: Path, name: str) -> JobDir:
@@ -93,17 +96,40 @@ class JobDir:
                 log.warning("job dirs are not made ahead here: %s", exc)
                 return cls.create(jobs_root, job_id, owner, disk_mb, mount)
             place = cls(root, root / "job", root / "control", quota=False, lock_fd=ahead.lock_fd)
-            ahead.lock_fd = -1  # the job's place holds it now
+            place.mount_fd, place.mount_mb = ahead.mount_fd, ahead.mount_mb
+            ahead.lock_fd = ahead.mount_fd = -1  # the job's place holds them now
         place.owner = owner
         job_dir = place.job_dir
         if mount:
             try:  # the worker's own until hand_over: no job can enter while it is set up
-                mounts.tmpfs(str(job_dir), disk_mb, os.geteuid(), os.getegid())
+                if place.mount_fd >= 0 and place.mount_mb == disk_mb:
+                    mounts.attach(place.mount_fd, str(job_dir))
+                else:
+                    mounts.tmpfs(str(job_dir), disk_mb, os.geteuid(), os.getegid())
                 place.mounted.append(str(job_dir))
                 place.quota = True
             except mounts.MountError as exc:
                 log.debug("job %s: no tmpfs job dir (%s)", job_id, exc)
+        place._drop_mount_fd()
         return place
+
+    def mount_ahead(self, disk_mb: int) -> None:
+        """The tmpfs of the job this place is made for, made now and attached to nothing, so
+        that the job's path only attaches it (`create`). Where the kernel cannot (before
+        5.2, gVisor, no CAP_SYS_ADMIN), `create` mounts it as before."""
+        if not JobDir.detached_mounts or self.mount_fd >= 0:
+            return
+        try:
+            self.mount_fd = mounts.detached_tmpfs(disk_mb, os.geteuid(), os.getegid())
+            self.mount_mb = disk_mb
+        except mounts.MountError as exc:
+            JobDir.detached_mounts = False
+            log.debug("job dirs are mounted on the job's path: %s", exc)
+
+    def _drop_mount_fd(self) -> None:
+        if self.mount_fd >= 0:
+            os.close(self.mount_fd)  # attached, it stays; else the unused tmpfs goes with it
+            self.mount_fd = -1
 
     def write_script(self, name: str, text: str) -> None:
         """The job's script, created (never followed or reused) in the job dir."""
@@ -187,12 +213,75 @@ class JobDir:
             if not self._remove_own():
                 remove_tree(self.root)
         finally:
+            self._drop_mount_fd()
             for fd in self.volume_fds:
                 os.close(fd)
             self.volume_fds.clear()
             if self.lock_fd >= 0:
                 os.close(self.lock_fd)
                 self.lock_fd = -1
+
+    def recycle(self, jobs_root: Path) -> bool:
+        """Make this place the next job's, ahead (see `ahead`), where the job left it exactly
+        as the worker made it: its tmpfs detached (the job's files went with it), so only
+        the worker's own directories are left, empty, unchanged, with the lock still held.
+        Control files but the lock are unlinked and the place renamed to an ahead name; on
+        ext4 that is one rename instead of three rmdirs, three mkdirs and a new lock.
+        False where anything else is there, or changed: `remove` then removes it all."""
+        if not (self.quota and not self.mounted and not self.volume_fds and self.lock_fd >= 0):
+            return False  # a plain job dir is the job's own: never handed to another
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        me = os.geteuid()
+        try:
+            root = os.open(self.root, flags)
+        except OSError:
+            return False
+        try:
+            info = os.fstat(root)
+            if (info.st_uid, stat.S_IMODE(info.st_mode)) != (me, 0o711):
+                return False
+            if sorted(os.listdir(root)) != ["control", "job"]:
+                return False
+            lock = os.fstat(self.lock_fd)
+            for name, mode in (("job", 0o700), ("control", 0o700)):
+                fd = os.open(name, flags, dir_fd=root)
+                try:
+                    sub = os.fstat(fd)
+                    if (sub.st_dev, sub.st_uid, stat.S_IMODE(sub.st_mode)) != (
+                        info.st_dev,
+                        me,
+                        mode,
+                    ):
+                        return False  # mounted on (another filesystem), or handed over
+                    with os.scandir(fd) as entries:
+                        names = [e.name for e in entries]
+                    if name == "job" and names:
+                        return False
+                    for entry in names if name == "control" else []:
+                        found = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                        if entry == LOCK:
+                            if (found.st_dev, found.st_ino) != (lock.st_dev, lock.st_ino):
+                                return False
+                        elif stat.S_ISREG(found.st_mode) and found.st_dev == info.st_dev:
+                            os.unlink(entry, dir_fd=fd)  # the worker's: the launcher's input
+                        else:
+                            return False
+                    if name == "control" and LOCK not in names:
+                        return False
+                finally:
+                    os.close(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(root)
+        target = jobs_root / (AHEAD + secrets.token_hex(8))
+        try:
+            mounts.rename_noreplace(str(self.root), str(target))
+        except OSError:
+            return False
+        self.root, self.job_dir, self.control_dir = target, target / "job", target / "control"
+        self.quota, self.owner = False, (0, 0)
+        return True
 
     def _remove_own(self) -> bool:
         """The tree as the worker left it, unmounted, removed by name: the plain files of

@@ -101,8 +101,15 @@ class QueueLink:
 
     # the job loop's side
 
-    def take(self, stopping: threading.Event) -> Held | None:
-        """The next claimed job; None once stopping, out of budget, or the source failed."""
+    def take(
+        self, stopping: threading.Event, idle: Callable[[], None] = lambda: None
+    ) -> Held | None:
+        """The next claimed job; None once stopping, out of budget, or the source failed.
+        `idle` runs first when none is claimed yet (the worker tidies meanwhile)."""
+        with self._cond:
+            waiting = not self._ready
+        if waiting:
+            idle()
         with self._cond:
             while True:
                 while not self._ready and not self._over():

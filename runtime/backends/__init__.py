@@ -49,36 +49,41 @@ class PreparedJob:
 class Launch:
     """What the worker spawns: the command and its whole environment. A launcher that runs
     as root outside the sandbox gets the worker's fixed environment, never the job's.
-    `read_files` are opened for the child, and `{fd0}`, `{fd1}`... in argv become their fd
-    numbers: data a launcher reads from an fd, not from its command line (which every
-    user of the host can read). `stdin_file`, likewise, is what the launcher reads on its
-    stdin; it must give the job /dev/null as stdin, as the worker does without it."""
+    `inputs` are data a launcher reads from an fd, not from its command line (which every
+    user of the host can read): each is an anonymous memory file (memfd) of the worker's,
+    passed to the child, and `{fd0}`, `{fd1}`... in argv become their numbers. No file is
+    made for them, so none is left to remove. `stdin`, likewise, is what the launcher reads
+    on its stdin; it must give the job /dev/null as stdin, as the worker does without it."""
 
     argv: list[str]
     env: dict[str, str]
-    read_files: tuple[Path, ...] = ()
-    stdin_file: Path | None = None  # the launcher's stdin; the job's own is /dev/null
+    inputs: tuple[bytes, ...] = ()
+    stdin: bytes | None = None  # the launcher's stdin; the job's own is /dev/null
 
     def argv_for(self, fds: list[int]) -> list[str]:
-        marks = {f"{{fd{i}}}": str(fd) for i, fd in enumerate(fds)}
-        return [marks.get(arg, arg) for arg in self.argv]
+        argv = self.argv
+        for i, fd in enumerate(fds):
+            argv = [arg.replace(f"{{fd{i}}}", str(fd)) for arg in argv]
+        return argv
 
 
-def write_records(path: Path, records: list[str]) -> None:
-    """NUL-separated records in a new file that is root's alone (0600): what a launcher reads
-    from an fd (`Launch.read_files`) instead of its command line."""
-    write_private(path, b"".join(record.encode() + b"\0" for record in records))
+def records(values: list[str]) -> bytes:
+    """NUL-separated records: what a launcher reads from an fd (`Launch.inputs`)."""
+    return b"".join(value.encode() + b"\0" for value in values)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """`data` in a new file (never followed or reused) that is root's alone (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def memory_file(data: bytes, name: str = "orvanta-launch") -> int:
+    """`data` in an anonymous memory file, read from its start; close-on-exec."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 class Backend(Protocol):

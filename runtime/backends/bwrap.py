@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from runtime import idmap
-from runtime.backends import INFO, Launch, PreparedJob, tool_path, write_records
+from runtime.backends import INFO, Launch, PreparedJob, memory_file, records, tool_path
 from runtime.capabilities import HostCapabilities, Probe, run_probe
 from runtime.settings import Settings
 
@@ -138,10 +138,7 @@ class Bubblewrap:
         owner = idmap.job_owner(settings)
         with tempfile.TemporaryDirectory(prefix="orvanta-bwrap-probe-") as tmp:
             os.chown(tmp, *owner)
-            args = Path(tmp + "-args")
-            write_records(args, sandbox_args(settings, tmp, {}))
-            fd = os.open(args, os.O_RDONLY)
-            args.unlink()
+            fd = memory_file(records(sandbox_args(settings, tmp, {})))
             try:
                 argv = [*launcher(settings, path, owner if hardened else None), "--args", str(fd)]
                 # --as-pid-1: no init of bwrap's own, which outlives the outer bwrap as a zombie
@@ -175,8 +172,7 @@ class Bubblewrap:
         return INNER_DIR
 
     def launch(self, job: PreparedJob, env: dict[str, str]) -> Launch:
-        args = job.control_dir / "bwrap.args"
-        write_records(args, sandbox_args(self.settings, str(job.job_dir), env))
+        args = records(sandbox_args(self.settings, str(job.job_dir), env))
         script = f"{INNER_DIR}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
         argv = [*launcher(self.settings, self.bwrap, job.host_ids), "--args", "{fd0}", "--"]

@@ -191,8 +191,7 @@ class Nsjail:
         return INNER_DIR
 
     def launch(self, job: PreparedJob, env: dict[str, str]) -> Launch:
-        config = job.control_dir / "nsjail.cfg"
-        config.write_text(
+        config = (
             render_config(
                 job.language.name,
                 self.settings,
@@ -203,11 +202,12 @@ class Nsjail:
                 job.volumes,
                 job.host_ids,
             )
-        )
+        ).encode()
         script = f"{INNER_DIR}/{job.language.filename}"
         command = job.language.argv(script, self.settings.python_path)
-        argv = [self.nsjail, "--config", str(config), "--", *command]
-        return Launch(argv, idmap.launcher_env(self.settings))
+        # nsjail opens its config by path: its own fd's, in /proc (it holds it open anyway)
+        argv = [self.nsjail, "--config", "/proc/self/fd/{fd0}", "--", *command]
+        return Launch(argv, idmap.launcher_env(self.settings), (config,))
 
 
 def locate_nsjail(settings: Settings) -> str | None:

@@ -3,9 +3,10 @@
 unshare runs as root outside any sandbox, with the worker's fixed launcher
 environment. The job's own variables never appear on a command line: `unshare
 --fork` stays alive as the job's parent for the whole job, and its argv is
-readable by every user of the host (`ps`). They lie in a root-only file of the
-job's control dir, which the worker opens for the child. The first step inside
-the namespace, after the uid map and `--setuid`, reads that file and makes the
+readable by every user of the host (`ps`). They are in an anonymous memory file
+of the worker's (a memfd: no path, only root reaches it), the launcher's stdin.
+The first step inside the namespace, after the uid map and `--setuid`, reads it
+and makes the
 variables the whole environment, then execs tini: dash, reading it on its stdin
 as a script of `export NAME='value'` lines (every value single-quoted, so none is
 ever parsed) that ends `exec "$@" </dev/null`. Where dash is missing, or a name
@@ -24,8 +25,6 @@ import functools
 import os
 import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 from typing import ClassVar
 
 from runtime import idmap
@@ -33,9 +32,9 @@ from runtime.backends import (
     INFO,
     Launch,
     PreparedJob,
+    memory_file,
+    records,
     tool_path,
-    write_private,
-    write_records,
 )
 from runtime.capabilities import HostCapabilities, Probe, host_euid, run_probe
 from runtime.settings import Settings
@@ -122,6 +121,12 @@ def parse_flags(flags: tuple[str, ...]) -> list[tuple[str, str | None]]:
     return parsed
 
 
+@functools.lru_cache(maxsize=16)
+def _parsed(flags: tuple[str, ...]) -> tuple[tuple[str, str | None], ...]:
+    """parse_flags once per configured flags, not once per job."""
+    return tuple(parse_flags(flags))
+
+
 def hardened_flags(flags: tuple[str, ...], uid: int, gid: int, colon_maps: bool) -> list[str]:
     """The configured flags with every id mapping replaced: the job's root becomes uid:gid.
 
@@ -130,7 +135,7 @@ def hardened_flags(flags: tuple[str, ...], uid: int, gid: int, colon_maps: bool)
     """
     userns = False
     kept: list[str] = []
-    for name, value in parse_flags(flags):
+    for name, value in _parsed(flags):
         if name in _ID_OPTIONS:
             userns = userns or name not in ("setuid", "setgid")
             continue
@@ -215,15 +220,12 @@ class PidNamespace:
         command = job.language.argv(script, self.settings.python_path)
         init = [self.tini, "-s", "--"] if self.tini else []
         launcher_env = idmap.launcher_env(self.settings)
-        variables = job.control_dir / "unshare.env"
         unshare = [self.unshare, *self.flags(job), "--"]
         if _has_dash() and not env.keys() & DASH_REFUSES:
-            write_private(variables, env_script(env, launcher_env).encode())
             argv = [*unshare, DASH, "-s", "--", *init, *command]
-            return Launch(argv, launcher_env, stdin_file=variables)
-        write_records(variables, [f"{k}={v}" for k, v in env.items()])
+            return Launch(argv, launcher_env, stdin=env_script(env, launcher_env).encode())
         argv = [*unshare, PERL, "-e", APPLY_ENV, "{fd0}", *init, *command]
-        return Launch(argv, launcher_env, (variables,))
+        return Launch(argv, launcher_env, (records([f"{k}={v}" for k, v in env.items()]),))
 
 
 def env_script(env: dict[str, str], launcher_env: dict[str, str]) -> str:
@@ -288,15 +290,12 @@ def apply_env_problem(unshare: str, flags: list[str], settings: Settings) -> str
     """Jobs' variables reach them through APPLY_ENV inside the namespace: try it as jobs will."""
     if not os.access(PERL, os.X_OK):
         return f"{PERL} not found: it applies the job's variables in the namespace (apt perl-base)"
-    with tempfile.TemporaryDirectory(prefix="orvanta-unshare-probe-") as tmp:
-        records = Path(tmp) / "env"
-        write_records(records, ["ORVANTA_PROBE=ok"])
-        fd = os.open(records, os.O_RDONLY)
-        try:
-            argv = [unshare, *flags, "--", PERL, "-e", APPLY_ENV, str(fd), "/usr/bin/env"]
-            ok, output = run_probe(argv, idmap.launcher_env(settings), True, (fd,))
-        finally:
-            os.close(fd)
+    fd = memory_file(records(["ORVANTA_PROBE=ok"]))
+    try:
+        argv = [unshare, *flags, "--", PERL, "-e", APPLY_ENV, str(fd), "/usr/bin/env"]
+        ok, output = run_probe(argv, idmap.launcher_env(settings), True, (fd,))
+    finally:
+        os.close(fd)
     if ok and output.strip() == "ORVANTA_PROBE=ok":
         return None
     return f"the job's variables do not reach it through {PERL} ({output or 'no output'})"

@@ -185,5 +185,5 @@ def test_a_retry_after_a_reboot_clears_the_old_directory_and_runs(tmp_path: Path
     result = runner.run(JobSpec("rebootedjob00001", "bash", "echo fresh\n"))
     assert (result.status, result.stdout) == ("success", "fresh\n"), result
     assert any(line.startswith("retry: removed") for line in result.log), result.log
-    runner.settle()  # the teardown runs behind the result (runtime.tidier)
+    runner.close()  # the teardown runs at the runner's next pause (runtime.tidier)
     assert not (runner.jobs_dir / "rebootedjob00001").exists()

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,26 @@ from runtime.startup import probe_host
 pytestmark = pytest.mark.integration
 
 
+_RUNNERS: list[JobRunner] = []
+
+
+@pytest.fixture(autouse=True)
+def _runners_closed() -> Iterator[None]:
+    """What the last job of a test left is removed before its tmp_path goes (runtime.tidier)."""
+    yield
+    while _RUNNERS:
+        _RUNNERS.pop().close()
+
+
 def runner(tmp_path: Path, backend: str, **extra: str) -> JobRunner:
     missing = tool_missing(backend)
     if missing:
         pytest.skip(f"{backend}: {missing}")
     env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state"), **extra}
     settings = Settings.from_env(env)
-    return JobRunner(settings, probe_host(settings))
+    made = JobRunner(settings, probe_host(settings))
+    _RUNNERS.append(made)
+    return made
 
 
 def run(r: JobRunner, script: str, job_id: str, lang: str = "bash") -> JobResult:

@@ -44,7 +44,9 @@ def pcprofile() -> Path:
 
 @pytest.mark.req("R-JOB-1", "R-SEL-6")
 @pytest.mark.parametrize("backend", ["none", "unshare", "nsjail"])
-def test_a_preloaded_library_reaches_only_the_job(tmp_path: Path, backend: str) -> None:
+def test_a_preloaded_library_reaches_only_the_job(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     missing = tool_missing(backend)
     if missing:
         pytest.skip(f"{backend}: {missing}")
@@ -55,6 +57,7 @@ def test_a_preloaded_library_reaches_only_the_job(tmp_path: Path, backend: str) 
     env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state")}
     settings = Settings.from_env(env)
     runner = JobRunner(settings, probe_host(settings))
+    request.addfinalizer(runner.close)  # the last teardown runs at the runner's next pause
     job_env = {"LD_PRELOAD": str(planted / "lib.so"), "PCPROFILE_OUTPUT": str(output), "MINE": "1"}
     result = runner.run(JobSpec("preload" + backend, "python3", SHOW_ENV, job_env, 30))
     assert result.status == "success", result
@@ -72,7 +75,9 @@ def test_a_preloaded_library_reaches_only_the_job(tmp_path: Path, backend: str) 
 
 @pytest.mark.req("R-JOB-1")
 @pytest.mark.parametrize("backend", ["unshare", "nsjail"])
-def test_the_launchers_path_is_the_workers(tmp_path: Path, backend: str) -> None:
+def test_the_launchers_path_is_the_workers(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """A job's PATH pointing at programs it planted is never searched by a launcher."""
     missing = tool_missing(backend)
     if missing:
@@ -88,6 +93,7 @@ def test_the_launchers_path_is_the_workers(tmp_path: Path, backend: str) -> None
     env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state")}
     settings = Settings.from_env(env)
     runner = JobRunner(settings, probe_host(settings))
+    request.addfinalizer(runner.close)  # the last teardown runs at the runner's next pause
     job_path = f"{bin_dir}:/usr/bin:/bin"
     script = "echo $PATH\n"
     result = runner.run(JobSpec("path" + backend, "bash", script, {"PATH": job_path}, 30))
@@ -104,7 +110,9 @@ print(json.dumps(dict(os.environ)))
 
 @pytest.mark.req("R-JOB-1", "R-PID-1")
 @pytest.mark.parametrize("backend", ["none", "unshare", "nsjail", "bwrap"])
-def test_a_jobs_variables_are_on_no_command_line(tmp_path: Path, backend: str) -> None:
+def test_a_jobs_variables_are_on_no_command_line(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     """Command lines are readable by every user of the host (`ps`), and by jobs whose /proc
     is the host's. While a job runs, no process's argv holds one of its values; the job
     still gets exactly its variables, whatever bytes they hold."""
@@ -115,6 +123,7 @@ def test_a_jobs_variables_are_on_no_command_line(tmp_path: Path, backend: str) -
     env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state")}
     settings = Settings.from_env(env)
     runner = JobRunner(settings, probe_host(settings))
+    request.addfinalizer(runner.close)  # the last teardown runs at the runner's next pause
     job_env = {"TOKEN": secret, "ODD": "a'b\"c\\d\nnext=line $HOME `x`", "EMPTY": ""}
     seen: set[str] = set()
     scans = 0

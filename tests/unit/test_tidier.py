@@ -1,50 +1,62 @@
-"""The tidier: teardowns run in order behind the caller, never far behind, never lost."""
+"""The tidier: teardowns run in order at the worker's pauses, never far behind, never lost."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import threading
-import time
 
 import pytest
 
 from runtime.tidier import BACKLOG, Tidier
 
 
-def test_teardowns_run_in_the_order_handed_in_and_settle_waits_for_all() -> None:
+def test_teardowns_wait_for_a_pause_then_run_in_the_order_handed_in() -> None:
     tidier = Tidier()
     done: list[int] = []
-
-    def slow(n: int) -> None:
-        time.sleep(0.01)
-        done.append(n)
-
-    for n in range(5):
-        tidier.submit(functools.partial(slow, n))
+    for n in range(BACKLOG):
+        tidier.submit(functools.partial(done.append, n))
+    assert done == [], "a teardown ran on the job's path instead of at the next pause"
     tidier.settle()
-    assert done == [0, 1, 2, 3, 4]
+    assert done == list(range(BACKLOG))
+    tidier.settle()  # nothing left: nothing runs twice
+    assert done == list(range(BACKLOG))
 
 
-def test_the_caller_waits_once_backlog_teardowns_are_pending() -> None:
-    """A slow disk makes the worker wait for its tidier rather than pile up job dirs."""
+def test_past_the_backlog_the_oldest_teardown_runs_at_once() -> None:
+    """A worker that never pauses (a queue of failing jobs) still removes what they leave."""
     tidier = Tidier()
-    release = threading.Event()
-
-    def busy() -> None:
-        release.wait()
-
-    tidier.submit(busy)  # running: the thread is busy with it
-    for _ in range(BACKLOG):
-        tidier.submit(lambda: None)  # queued behind it
-    blocked = threading.Thread(target=tidier.submit, args=(lambda: None,))
-    blocked.start()
-    blocked.join(0.2)
-    assert blocked.is_alive(), "a teardown past the backlog was queued without waiting"
-    release.set()
-    blocked.join(5)
-    assert not blocked.is_alive()
+    done: list[int] = []
+    for n in range(BACKLOG + 3):
+        tidier.submit(functools.partial(done.append, n))
+    assert done == [0, 1, 2]
     tidier.settle()
+    assert done == list(range(BACKLOG + 3))
+
+
+def test_settle_from_another_thread_waits_for_the_teardown_running() -> None:
+    """A runner shared by threads: settle returns only once the running teardown is done."""
+    tidier = Tidier()
+    started, release = threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def slow() -> None:
+        started.set()
+        release.wait(5)
+        done.append("slow")
+
+    tidier.submit(slow)
+    runner = threading.Thread(target=tidier.settle)
+    runner.start()
+    assert started.wait(5)
+    waiter = threading.Thread(target=tidier.settle)
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "settle returned while a teardown was still running"
+    release.set()
+    waiter.join(5)
+    runner.join(5)
+    assert done == ["slow"]
 
 
 def test_a_failed_teardown_is_logged_and_the_next_still_runs(

@@ -47,14 +47,7 @@ def host(tini: bool = True, unshare: bool = True) -> HostCapabilities:
     )
 
 
-@pytest.fixture(autouse=True)
-def control_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where launch() writes the job's variables (a job's control dir)."""
-    monkeypatch.setattr(sys.modules[__name__], "CONTROL", tmp_path)
-    return tmp_path
-
-
-CONTROL = Path("/nonexistent")
+CONTROL = Path("/nonexistent")  # launch() writes no file: its inputs are data
 
 
 @pytest.fixture(autouse=True)
@@ -122,17 +115,15 @@ def test_bash_job_with_custom_flags_and_python() -> None:
 @pytest.mark.req("R-JOB-1")
 def test_the_launchers_get_the_workers_environment_not_the_jobs() -> None:
     """unshare runs as root outside the sandbox: none of the job's variables in its
-    environment, nor on any command line; they lie in a root-only file that dash reads
-    on its stdin inside the namespace."""
+    environment, nor on any command line; they are data the worker gives it on its stdin
+    (a memfd, runtime.executor), which dash reads inside the namespace."""
     job_env = {"LD_PRELOAD": "/x.so", "TOKEN": "s3cret\nline two"}
     launch = PidNamespace(settings(), host()).launch(prepared("bash"), job_env)
     assert set(launch.env) == {"PATH", "LANG"}
     assert not [arg for arg in launch.argv if "s3cret" in arg or "/x.so" in arg]
-    assert launch.read_files == ()
-    script = launch.stdin_file
-    assert script is not None and script.parent == CONTROL
-    assert script.stat().st_mode & 0o777 == 0o600
-    assert script.read_text() == (
+    assert launch.inputs == ()
+    assert launch.stdin is not None
+    assert launch.stdin.decode() == (
         "unset LANG OLDPWD PATH PWD\n"
         "export LD_PRELOAD='/x.so'\n"
         "export TOKEN='s3cret\nline two'\n"
@@ -156,10 +147,9 @@ def test_perl_reads_the_variables_where_dash_cannot(
     launch = PidNamespace(settings(), host()).launch(prepared("bash"), job_env)
     after = launch.argv.index("--") + 1
     assert launch.argv[after : after + 4] == [PERL, "-e", APPLY_ENV, "{fd0}"], why
-    assert launch.stdin_file is None
-    (records,) = launch.read_files
-    assert records.stat().st_mode & 0o777 == 0o600
-    assert records.read_bytes() == b"".join(f"{k}={v}\0".encode() for k, v in job_env.items())
+    assert launch.stdin is None
+    (records,) = launch.inputs
+    assert records == b"".join(f"{k}={v}\0".encode() for k, v in job_env.items())
 
 
 HOSTILE_VALUES = {

@@ -1,0 +1,95 @@
+"""cgroups made ahead of their job (runtime.cgroups.AheadGroups): on v1 the next job's
+groups exist before it comes and become its own by a rename; none is ever left behind.
+v2 cannot rename a group, so none is made ahead there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from cli_helpers import BACKEND_ENV, jobs_cgroup, tool_missing, wait_until
+
+from runtime import cgroups
+from runtime.executor import JobRunner
+from runtime.jobs import JobResult, JobSpec
+from runtime.settings import Settings
+from runtime.startup import probe_host
+
+pytestmark = pytest.mark.integration
+
+
+def mine(controller: str) -> list[Path]:
+    """This process's groups made ahead under `controller` (v1), or under orvanta/ (v2)."""
+    parent = jobs_cgroup() if controller == "freezer" else cgroups.ROOT / controller / "orvanta"
+    if not parent.is_dir():
+        return []
+    return [p for p in parent.iterdir() if p.name.startswith(f"{cgroups.AHEAD}{os.getpid()}-")]
+
+
+@pytest.mark.req("R-JOB-3")
+@pytest.mark.parametrize("backend", ["none", "nsjail"])
+def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, backend: str) -> None:
+    missing = tool_missing(backend)
+    if missing:
+        pytest.skip(f"{backend}: {missing}")
+    if os.geteuid() != 0 or not os.access(cgroups.ROOT, os.W_OK):
+        pytest.skip("cgroups are not writable here (not root)")
+    env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state")}
+    settings = Settings.from_env(env)
+    controllers = ["freezer", *(cgroups.NSJAIL_CONTROLLERS if backend == "nsjail" else [])]
+    with JobRunner(settings, probe_host(settings)) as runner:
+        first = runner.run(JobSpec("aheadfirst000001", "bash", "true\n", {}, 30))
+        assert first.status == "success", first
+        runner.wait_teardowns()  # the worker's pause: the next job's groups are made
+        if cgroups.is_v2():
+            assert mine("freezer") == [], "a group made ahead on v2, which cannot rename it"
+            return
+        ahead = {c: mine(c) for c in controllers}
+        assert all(len(groups) == 1 for groups in ahead.values()), ahead
+        inodes = {c: groups[0].stat().st_ino for c, groups in ahead.items()}
+
+        result: list[JobResult] = []
+        job = threading.Thread(
+            target=lambda: result.append(
+                runner.run(JobSpec("aheadsecond00001", "bash", "sleep 1\n", {}, 30))
+            )
+        )
+        job.start()
+        group = jobs_cgroup() / "job-aheadsecond00001"
+        wait_until(group.exists, 10, "the second job's group")
+        taken = {c: cgroups.ROOT / c / "orvanta" / "job-aheadsecond00001" for c in controllers}
+        assert {c: p.stat().st_ino for c, p in taken.items()} == inodes, (
+            "the job's groups are new ones, not the ones made ahead for it"
+        )
+        assert all(mine(c) == [] for c in controllers), "a group made ahead was left aside"
+        job.join(30)
+        assert result and result[0].status == "success", result
+    for controller in controllers:
+        assert mine(controller) == [], f"a {controller} group made ahead outlived its runner"
+        leftover = cgroups.ROOT / controller / "orvanta"
+        assert not list(leftover.glob("job-ahead*")), list(leftover.glob("job-ahead*"))
+
+
+def test_the_groups_a_gone_worker_made_ahead_are_swept() -> None:
+    """Only a dead worker's: a live one's are its next job's."""
+    if cgroups.is_v2() or os.geteuid() != 0:
+        pytest.skip("groups are made ahead on cgroup v1 only, by a root worker")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process
+    parent = jobs_cgroup()
+    parent.mkdir(exist_ok=True)
+    dead = parent / f"{cgroups.AHEAD}{gone.pid}-test"
+    live = parent / f"{cgroups.AHEAD}{os.getppid()}-test"
+    dead.mkdir()
+    live.mkdir()
+    try:
+        swept = cgroups.sweep_ahead()
+        assert dead in swept and not dead.exists()
+        assert live.exists(), "a live worker's group made ahead was swept"
+    finally:
+        for group in (dead, live):
+            if group.exists():
+                group.rmdir()
