@@ -132,8 +132,8 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
                 check=True,
             )
 
-        # The teardown runs behind the job on the tidier's thread (runtime.tidier), as in a
-        # worker: not timed, and done before the raw tool's run, which it would slow.
+        # The teardown waits for the worker's next pause (runtime.tidier): here it is run,
+        # untimed, between the runtime's sample and the raw tool's, which it would slow.
         runtime_s, raw_s = _interleaved(through_runtime, through_raw, runs, runner.wait_teardowns)
         runner.settle()
     runtime_ms, raw_ms = _stats(runtime_s), _stats(raw_s)

@@ -94,7 +94,7 @@ class JobRunner:
         self._ahead_lock = threading.Lock()
         self._tearing_down: set[str] = set()  # job ids whose teardown is still to be done
         self._backends: dict[tuple[str, Settings], Backend] = {}
-        atexit.register(self.settle)  # the tidier's thread would die mid-teardown at exit
+        atexit.register(self.settle)  # what the last job left is removed at exit too
 
     def run(
         self, spec: JobSpec, settings: Settings | None = None, cancel: Cancellation | None = None

@@ -44,6 +44,7 @@ class JobDir:
     lock_fd: int = -1  # flock held while the job lives
     mount_fd: int = -1  # made ahead: the job dir's tmpfs, detached (`mounts.detached_tmpfs`)
     mount_mb: int = 0  # its size
+    made: tuple[object, ...] | None = None  # `_state` as the worker made it
     renames: ClassVar[bool] = True  # job dirs made ahead can be renamed to a job's id here
     detached_mounts: ClassVar[bool] = True  # the kernel makes detached mounts for us
 
@@ -62,6 +63,7 @@ class JobDir:
         place.lock_fd = os.open(control / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(place.lock_fd, fcntl.LOCK_EX)
         os.rename(control / ".lock", control / LOCK)
+        place.made = place._state()
         return place
 
     @classmethod
@@ -96,15 +98,13 @@ class JobDir:
                 log.warning("job dirs are not made ahead here: %s", exc)
                 return cls.create(jobs_root, job_id, owner, disk_mb, mount)
             place = cls(root, root / "job", root / "control", quota=False, lock_fd=ahead.lock_fd)
-            place.mount_fd, place.mount_mb = ahead.mount_fd, ahead.mount_mb
+            place.mount_fd, place.mount_mb, place.made = ahead.mount_fd, ahead.mount_mb, ahead.made
             ahead.lock_fd = ahead.mount_fd = -1  # the job's place holds them now
         place.owner = owner
         job_dir = place.job_dir
         if mount:
             try:  # the worker's own until hand_over: no job can enter while it is set up
-                if place.mount_fd >= 0 and place.mount_mb == disk_mb:
-                    mounts.attach(place.mount_fd, str(job_dir))
-                else:
+                if not place._attach(disk_mb):
                     mounts.tmpfs(str(job_dir), disk_mb, os.geteuid(), os.getegid())
                 place.mounted.append(str(job_dir))
                 place.quota = True
@@ -125,6 +125,19 @@ class JobDir:
         except mounts.MountError as exc:
             JobDir.detached_mounts = False
             log.debug("job dirs are mounted on the job's path: %s", exc)
+
+    def _attach(self, disk_mb: int) -> bool:
+        """The tmpfs made ahead in place; False (the caller mounts one) where there is none
+        of that size, or the kernel refuses to attach it."""
+        if self.mount_fd < 0 or self.mount_mb != disk_mb:
+            return False
+        try:
+            mounts.attach(self.mount_fd, str(self.job_dir))
+        except mounts.MountError as exc:
+            JobDir.detached_mounts = False
+            log.warning("job dirs are mounted on the job's path from now on: %s", exc)
+            return False
+        return True
 
     def _drop_mount_fd(self) -> None:
         if self.mount_fd >= 0:
@@ -224,64 +237,56 @@ class JobDir:
     def recycle(self, jobs_root: Path) -> bool:
         """Make this place the next job's, ahead (see `ahead`), where the job left it exactly
         as the worker made it: its tmpfs detached (the job's files went with it), so only
-        the worker's own directories are left, empty, unchanged, with the lock still held.
-        Control files but the lock are unlinked and the place renamed to an ahead name; on
-        ext4 that is one rename instead of three rmdirs, three mkdirs and a new lock.
-        False where anything else is there, or changed: `remove` then removes it all."""
+        the worker's own directories are left, the lock still held, nothing added, changed
+        or mounted on (`_state`). Renamed to an ahead name: on ext4 one rename instead of
+        three rmdirs, three mkdirs and a new lock. False, with nothing changed, otherwise:
+        `remove` then removes it all."""
         if not (self.quota and not self.mounted and not self.volume_fds and self.lock_fd >= 0):
             return False  # a plain job dir is the job's own: never handed to another
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        me = os.geteuid()
-        try:
-            root = os.open(self.root, flags)
-        except OSError:
+        if self.made is None or self._state() != self.made:
             return False
-        try:
-            info = os.fstat(root)
-            if (info.st_uid, stat.S_IMODE(info.st_mode)) != (me, 0o711):
-                return False
-            if sorted(os.listdir(root)) != ["control", "job"]:
-                return False
-            lock = os.fstat(self.lock_fd)
-            for name, mode in (("job", 0o700), ("control", 0o700)):
-                fd = os.open(name, flags, dir_fd=root)
-                try:
-                    sub = os.fstat(fd)
-                    if (sub.st_dev, sub.st_uid, stat.S_IMODE(sub.st_mode)) != (
-                        info.st_dev,
-                        me,
-                        mode,
-                    ):
-                        return False  # mounted on (another filesystem), or handed over
-                    with os.scandir(fd) as entries:
-                        names = [e.name for e in entries]
-                    if name == "job" and names:
-                        return False
-                    for entry in names if name == "control" else []:
-                        found = os.stat(entry, dir_fd=fd, follow_symlinks=False)
-                        if entry == LOCK:
-                            if (found.st_dev, found.st_ino) != (lock.st_dev, lock.st_ino):
-                                return False
-                        elif stat.S_ISREG(found.st_mode) and found.st_dev == info.st_dev:
-                            os.unlink(entry, dir_fd=fd)  # the worker's: the launcher's input
-                        else:
-                            return False
-                    if name == "control" and LOCK not in names:
-                        return False
-                finally:
-                    os.close(fd)
-        except OSError:
-            return False
-        finally:
-            os.close(root)
         target = jobs_root / (AHEAD + secrets.token_hex(8))
         try:
             mounts.rename_noreplace(str(self.root), str(target))
         except OSError:
             return False
         self.root, self.job_dir, self.control_dir = target, target / "job", target / "control"
-        self.quota, self.owner = False, (0, 0)
+        self.quota = False
         return True
+
+    def _state(self) -> tuple[object, ...] | None:
+        """The worker's three directories as the kernel shows them now: each one's device,
+        inode, owner, mode, extended attributes (ACLs among them) and entries, and the
+        lock's inode and link count. A mount on one of them, an entry swapped or added, an
+        ACL, a second link to the lock: another state. None where one cannot be read."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        state: list[object] = []
+        opened: list[int] = []
+        try:
+            opened.append(os.open(self.root, flags))
+            for name in ("job", "control"):
+                opened.append(os.open(name, flags, dir_fd=opened[0]))
+            for fd in opened:
+                info = os.fstat(fd)
+                state.append(
+                    (
+                        info.st_dev,
+                        info.st_ino,
+                        info.st_uid,
+                        info.st_gid,
+                        info.st_mode,
+                        sorted(os.listxattr(fd)),
+                        sorted(os.listdir(fd)),
+                    )
+                )
+            lock = os.stat(LOCK, dir_fd=opened[2], follow_symlinks=False)
+            state.append((lock.st_dev, lock.st_ino, lock.st_nlink, stat.S_IFMT(lock.st_mode)))
+        except OSError:
+            return None
+        finally:
+            for fd in opened:
+                os.close(fd)
+        return tuple(state)
 
     def _remove_own(self) -> bool:
         """The tree as the worker left it, unmounted, removed by name: the plain files of

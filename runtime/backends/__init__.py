@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -73,8 +74,14 @@ def records(values: list[str]) -> bytes:
 
 
 def memory_file(data: bytes, name: str = "orvanta-launch") -> int:
-    """`data` in an anonymous memory file, read from its start; close-on-exec."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    """`data` in an anonymous memory file, read from its start; close-on-exec. Where the
+    kernel has no memfd (a seccomp filter that refuses it), an unlinked file of root's
+    alone (0600) instead: no path either."""
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    except OSError:
+        fd, path = tempfile.mkstemp(prefix=f"{name}-")
+        os.unlink(path)
     try:
         view = memoryview(data)
         while view:

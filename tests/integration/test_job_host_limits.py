@@ -21,6 +21,7 @@ import pytest
 from cli_helpers import BACKEND_ENV, processes_with, tool_missing
 
 from runtime.executor import JobRunner
+from runtime.jobdir import JobDir
 from runtime.jobs import JobResult, JobSpec
 from runtime.settings import Settings
 from runtime.startup import probe_host
@@ -373,3 +374,76 @@ def test_a_retry_right_behind_its_first_attempt_runs_clean(tmp_path: Path, backe
     r.settle()
     assert not (r.jobs_dir / "retried000000001").exists()
     assert list(r.jobs_dir.iterdir()) == []
+
+
+TAMPERING = {
+    "nothing": "",
+    "an xattr on its root": "os.setxattr('..', 'user.mark', b'1')",
+    "its root opened to all": "os.chmod('..', 0o777)",
+    "a second link to the lock": "os.link('../control/owner.lock', os.environ['LINK'])",
+    "a file beside its dir": "open('../stray', 'w').close()",
+    # its tmpfs gone, two binds over the job dir: the worker detaches the top one only
+    "a mount under its dir": (
+        "d = os.getcwd(); os.chdir('/'); subprocess.run(['umount', '-l', d], check=True); "
+        "[subprocess.run(['mount', '--bind', os.environ['EMPTY'], d], check=True) "
+        "for _ in range(2)]"
+    ),
+}
+
+
+@pytest.mark.req("R-JOB-5", "R-XJOB-1")
+@pytest.mark.parametrize("change", sorted(TAMPERING))
+def test_a_job_dir_goes_to_the_next_job_only_as_the_worker_made_it(
+    tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker hands a finished job's directories to the next job (runtime.jobdir
+    `recycle`) only if nothing was added, changed or mounted on them. Under `none` the job
+    is root and can do any of it: then the next job gets a new directory, with none of it."""
+    r = runner(tmp_path, "none")
+    decided: list[bool] = []
+    recycle = JobDir.recycle
+
+    def spied(place: JobDir, jobs_root: Path) -> bool:
+        decided.append(recycle(place, jobs_root))
+        return decided[-1]
+
+    monkeypatch.setattr(JobDir, "recycle", spied)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    link = tmp_path / "lock-link"
+    script = "import os, subprocess\n" + TAMPERING[change] + "\n"
+    env = {"LINK": str(link), "EMPTY": str(empty)}
+    ids = [f"tampered{sorted(TAMPERING).index(change)}{n:07d}" for n in (1, 2)]  # xdist: unique
+    result = r.run(JobSpec(ids[0], "python3", script, env, 30))
+    assert result.status == "success", result
+    r.wait_teardowns()  # the worker's pause: the next job's place is made
+    (ahead,) = [p for p in r.jobs_dir.iterdir() if p.name.startswith(".ahead-")]
+    assert os.listxattr(ahead) == [] and stat.S_IMODE(ahead.stat().st_mode) == 0o711
+    assert sorted(p.name for p in ahead.iterdir()) == ["control", "job"]
+    assert os.stat(ahead / "control" / "owner.lock").st_nlink == 1
+    assert str(empty) not in Path("/proc/self/mountinfo").read_text()
+    assert decided == [change == "nothing"], f"{change}: handed on: {decided}"
+    nxt = r.run(JobSpec(ids[1], "bash", "ls -A; stat -c %a ..\n", {}, 30))
+    assert (nxt.status, nxt.stdout) == ("success", "main.sh\n711\n"), nxt
+    link.unlink(missing_ok=True)
+
+
+@pytest.mark.req("R-DISK-1")
+def test_a_tmpfs_made_ahead_that_will_not_attach_leaves_the_job_its_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """move_mount refused (a kernel or filter that forbids it): the job's tmpfs is mounted on
+    the spot instead, never left out."""
+    from runtime import mounts
+
+    def refused(mount_fd: int, target: str) -> None:
+        raise mounts.MountError(1, f"move_mount {target}: Operation not permitted")
+
+    monkeypatch.setattr(JobDir, "detached_mounts", True)  # restored after the test
+    monkeypatch.setattr(mounts, "attach", refused)
+    r = runner(tmp_path, "none")
+    for n in (1, 2):  # the second job's tmpfs was made ahead, and is refused
+        result = run(r, "stat -f -c %T .\n", f"noattach0000000{n}")
+        assert (result.status, result.stdout) == ("success", "tmpfs\n"), result
+        r.wait_teardowns()
+    assert JobDir.detached_mounts is False

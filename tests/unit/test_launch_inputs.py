@@ -29,3 +29,21 @@ def test_fd_marks_are_replaced_inside_an_argument_too() -> None:
     """nsjail takes its config as a path: /proc/self/fd/{fd0}."""
     launch = Launch(["nsjail", "--config", "/proc/self/fd/{fd0}", "--args", "{fd1}"], {})
     assert launch.argv_for([7, 12]) == ["nsjail", "--config", "/proc/self/fd/7", "--args", "12"]
+
+
+def test_without_memfd_the_input_is_an_unlinked_file_of_roots_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A seccomp filter may refuse memfd_create: the job still starts, its input unreachable."""
+
+    def refused(name: str, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    fd = memory_file(b"TOKEN=s3cret\0")
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)")
+        assert os.fstat(fd).st_mode & 0o777 == 0o600
+        assert os.read(fd, 100) == b"TOKEN=s3cret\0"
+    finally:
+        os.close(fd)
