@@ -27,7 +27,7 @@ log = logging.getLogger("orvanta.cgroups")
 ROOT = Path("/sys/fs/cgroup")
 PARENT = "orvanta"
 NSJAIL_CONTROLLERS = ("memory", "pids", "cpu")
-AHEAD = ".ahead-"  # a v1 group made before its job: `.ahead-<worker pid>-<random>`
+AHEAD = ".ahead-"  # a v1 group made before its job: `.ahead-<pid>-<its start>-<random>`
 
 
 @functools.cache
@@ -246,8 +246,8 @@ class AheadGroups:
     job not yet known: on v1 a group may be renamed within its parent, so the job's path
     renames them to the job's (`JobCgroup.create`), a call each instead of a mkdir (a
     memory group's costs the most). v2 cannot rename groups: there they are made on the
-    path. Named with the worker's pid: a starting worker removes a dead one's
-    (`sweep_ahead`)."""
+    path. Named with the worker's pid and start time: a starting worker removes a dead
+    one's (`sweep_ahead`)."""
 
     groups: dict[str, Path] = field(default_factory=dict)  # controller -> its group
 
@@ -255,7 +255,7 @@ class AheadGroups:
         """The tracking group, and nsjail's parents if `nsjail`, for each one missing."""
         if is_v2():
             return
-        name = f"{AHEAD}{os.getpid()}-{secrets.token_hex(6)}"
+        name = f"{AHEAD}{os.getpid()}-{_own_start(os.getpid())}-{secrets.token_hex(6)}"
         for controller in ("freezer", *(NSJAIL_CONTROLLERS if nsjail else ())):
             if controller in self.groups:
                 continue
@@ -294,9 +294,9 @@ _AHEAD_HERE: set[Path] = set()  # made ahead by this process and not yet taken o
 
 
 def sweep_ahead() -> list[Path]:
-    """Remove the groups made ahead by workers that are gone: no process has their pid, or
-    it is this one's but this process did not make them (a restarted container's worker
-    may get the pid its predecessor had)."""
+    """Remove the groups made ahead by workers that are gone: no process has their pid and
+    start time (a pid alone may be reused, or be another pid namespace's), or it is this
+    process but it did not make them."""
     if is_v2():
         return []
     swept = []
@@ -307,11 +307,12 @@ def sweep_ahead() -> list[Path]:
         except OSError:
             continue
         for name in names:
-            pid = name[len(AHEAD) :].split("-", 1)[0]
+            pid, _, rest = name[len(AHEAD) :].partition("-")
+            start = rest.partition("-")[0]
             if not name.startswith(AHEAD) or not pid.isdigit():
                 continue
-            mine = int(pid) == os.getpid()
-            if (mine and parent / name in _AHEAD_HERE) or (not mine and _alive(int(pid))):
+            alive = _started(int(pid)) == start
+            if alive and (int(pid) != os.getpid() or parent / name in _AHEAD_HERE):
                 continue
             with contextlib.suppress(OSError):
                 os.rmdir(parent / name)
@@ -319,14 +320,18 @@ def sweep_ahead() -> list[Path]:
     return swept
 
 
-def _alive(pid: int) -> bool:
+@functools.cache
+def _own_start(pid: int) -> str:  # by pid: a forked child is another process
+    return _started(pid)
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat), or "" if none."""
     try:
-        os.kill(pid, 0)  # signal 0: asks, sends nothing
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[19]
 
 
 _COUNTED: dict[Path, bool] = {}

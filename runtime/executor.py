@@ -132,9 +132,13 @@ class JobRunner:
             spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started
         )
 
+    def pause(self) -> None:
+        """The worker has no job to run yet: remove what finished jobs left (runtime.tidier)."""
+        self._tidier.pause()
+
     def wait_teardowns(self) -> None:
-        """Remove what every finished job left now (a worker with no job to run yet, the
-        bench between samples); the next job's dir stays."""
+        """Return once what every finished job left is removed (the bench between samples);
+        the next job's dir stays."""
         self._tidier.settle()
 
     def settle(self) -> None:
@@ -250,7 +254,7 @@ class JobRunner:
         present = again or root.exists()
         if present:
             self._tidier.settle()  # this worker's own last attempt may still be in teardown
-            present = root.exists()  # else one made meanwhile is another worker's: see create
+            present = root.exists()
         cgroup: JobCgroup | None = None
         place: JobDir | None = None
         ours = False  # the root and cgroup are this attempt's, not a live worker's
@@ -274,8 +278,7 @@ class JobRunner:
             # attempt's directory may survive it (a reboot or container restart resets
             # cgroups only).
             stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
-            if stale and not present:
-                present = root.exists()  # a live attempt's group: its dir may be new too
+            present = present or root.exists()  # a lease-lost attempt's, made meanwhile
             if present and held(root):
                 why = "another worker still runs this job (it lost the lease); try again later"
                 job_log.append(f"error: {why}")
@@ -351,6 +354,10 @@ class JobRunner:
                 place.unmount()  # no later job's namespace may copy its mounts
             with self._ahead_lock:
                 self._tearing_down.add(spec.id)
+            # the job decides how long removing a plain dir or stripping its volumes takes
+            heavy = (place is None and ours) or (
+                place is not None and (not place.quota or bool(place.volume_fds))
+            )
             self._tidier.submit(
                 functools.partial(
                     self._tidy,
@@ -360,7 +367,8 @@ class JobRunner:
                     cgroup if ours else None,
                     list(volume_fds),
                     ids,
-                )
+                ),
+                heavy=heavy or bool(volume_fds),
             )
         exit_code, stopped, stdout, stderr, notes, cpu = outcome
         job_log.extend(notes)
@@ -453,7 +461,7 @@ class JobRunner:
                 os.close(stdin)
         try:
             out, err, stopped = _collect(
-                proc, job.timeout, self.settings.output_limit, cancel, self._tidier.settle
+                proc, job.timeout, self.settings.output_limit, cancel, self._tidier.pause
             )
         finally:
             survivors, escaped, cpu = _kill_job(proc, cgroup, spared)

@@ -238,13 +238,20 @@ class JobDir:
         """Make this place the next job's, ahead (see `ahead`), where the job left it exactly
         as the worker made it: its tmpfs detached (the job's files went with it), so only
         the worker's own directories are left, the lock still held, nothing added, changed
-        or mounted on (`_state`). Renamed to an ahead name: on ext4 one rename instead of
-        three rmdirs, three mkdirs and a new lock. False, with nothing changed, otherwise:
-        `remove` then removes it all."""
+        or mounted on (`_state`). job/ is made anew (removing it detaches the copies of
+        the job's tmpfs that namespaces made while it ran, since Linux 3.18), and the
+        place renamed to an ahead name: on ext4 a rename, an rmdir and a mkdir instead of
+        three of each and a new lock. False otherwise: `remove` then removes it all."""
         if not (self.quota and not self.mounted and not self.volume_fds and self.lock_fd >= 0):
             return False  # a plain job dir is the job's own: never handed to another
         if self.made is None or self._state() != self.made:
             return False
+        try:  # a new job/: the kernel detaches what other namespaces copied of the old one
+            os.rmdir(self.job_dir)
+            os.mkdir(self.job_dir, 0o700)
+        except OSError:
+            return False
+        self.made = self._state()
         target = jobs_root / (AHEAD + secrets.token_hex(8))
         try:
             mounts.rename_noreplace(str(self.root), str(target))
@@ -257,8 +264,11 @@ class JobDir:
     def _state(self) -> tuple[object, ...] | None:
         """The worker's three directories as the kernel shows them now: each one's device,
         inode, owner, mode, extended attributes (ACLs among them) and entries, and the
-        lock's inode and link count. A mount on one of them, an entry swapped or added, an
-        ACL, a second link to the lock: another state. None where one cannot be read."""
+        lock's inode, links, mode, owner and size. A mount on one of them, an entry swapped
+        or added, an ACL, a second link to the lock or a byte in it: another state. A job
+        that was never host root can change none of them; for one that was (`none` as
+        root), this is what can be seen, not proof (an inode flag is not compared). None
+        where one cannot be read."""
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         state: list[object] = []
         opened: list[int] = []
@@ -280,7 +290,17 @@ class JobDir:
                     )
                 )
             lock = os.stat(LOCK, dir_fd=opened[2], follow_symlinks=False)
-            state.append((lock.st_dev, lock.st_ino, lock.st_nlink, stat.S_IFMT(lock.st_mode)))
+            state.append(
+                (
+                    lock.st_dev,
+                    lock.st_ino,
+                    lock.st_nlink,
+                    lock.st_mode,
+                    lock.st_uid,
+                    lock.st_gid,
+                    lock.st_size,
+                )
+            )
         except OSError:
             return None
         finally:

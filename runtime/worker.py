@@ -164,7 +164,7 @@ class Worker:
         )
         try:
             while not self.stopping.is_set():
-                held = link.take(self.stopping, self.runner.wait_teardowns)
+                held = link.take(self.stopping, self.runner.pause)
                 if held is None:
                     break
                 result = self._run(held)

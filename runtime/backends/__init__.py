@@ -9,6 +9,7 @@ a backend by name. Adding one is a module here and a line in REGISTRY.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
 import os
@@ -74,19 +75,28 @@ def records(values: list[str]) -> bytes:
 
 
 def memory_file(data: bytes, name: str = "orvanta-launch") -> int:
-    """`data` in an anonymous memory file, read from its start; close-on-exec. Where the
-    kernel has no memfd (a seccomp filter that refuses it), an unlinked file of root's
-    alone (0600) instead: no path either."""
+    """`data` in an anonymous memory file, read from its start, sealed against any change;
+    close-on-exec. Where the kernel has no memfd (a seccomp filter that refuses it), an
+    unlinked file of root's alone (0600) instead: no path either."""
+    sealed = True
     try:
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError:
+        sealed = False
         fd, path = tempfile.mkstemp(prefix=f"{name}-")
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except BaseException:
+            os.close(fd)
+            raise
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.lseek(fd, 0, os.SEEK_SET)
+        if sealed:  # read-only from here on, for whoever holds it
+            seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
     except BaseException:
         os.close(fd)
         raise

@@ -74,22 +74,28 @@ def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, ba
 
 
 def test_the_groups_a_gone_worker_made_ahead_are_swept() -> None:
-    """Only a dead worker's: a live one's are its next job's."""
+    """Only a gone worker's, told by pid and start time: a live one's are its next job's."""
     if cgroups.is_v2() or os.geteuid() != 0:
         pytest.skip("groups are made ahead on cgroup v1 only, by a root worker")
     gone = subprocess.Popen(["true"])
     gone.wait()  # its pid now names no process
     parent = jobs_cgroup()
     parent.mkdir(exist_ok=True)
-    dead = parent / f"{cgroups.AHEAD}{gone.pid}-test"
-    live = parent / f"{cgroups.AHEAD}{os.getppid()}-test"
-    dead.mkdir()
-    live.mkdir()
+    live_pid, me = os.getppid(), os.getpid()
+    groups = {
+        "dead": parent / f"{cgroups.AHEAD}{gone.pid}-1-test",
+        "pid reused": parent / f"{cgroups.AHEAD}{live_pid}-1-test",
+        "this pid, not made here": parent / f"{cgroups.AHEAD}{me}-{cgroups._started(me)}-test",
+        "live": parent / f"{cgroups.AHEAD}{live_pid}-{cgroups._started(live_pid)}-test",
+    }
+    for group in groups.values():
+        group.mkdir()
     try:
         swept = cgroups.sweep_ahead()
-        assert dead in swept and not dead.exists()
-        assert live.exists(), "a live worker's group made ahead was swept"
+        for case, group in groups.items():
+            assert (group in swept) == (case != "live"), case
+            assert group.exists() == (case == "live"), case
     finally:
-        for group in (dead, live):
+        for group in groups.values():
             if group.exists():
                 group.rmdir()

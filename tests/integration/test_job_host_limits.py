@@ -382,6 +382,7 @@ TAMPERING = {
     "its root opened to all": "os.chmod('..', 0o777)",
     "a second link to the lock": "os.link('../control/owner.lock', os.environ['LINK'])",
     "a file beside its dir": "open('../stray', 'w').close()",
+    "bytes in the lock": "open('../control/owner.lock', 'a').write('x' * 4096)",
     # its tmpfs gone, two binds over the job dir: the worker detaches the top one only
     "a mount under its dir": (
         "d = os.getcwd(); os.chdir('/'); subprocess.run(['umount', '-l', d], check=True); "
@@ -420,7 +421,8 @@ def test_a_job_dir_goes_to_the_next_job_only_as_the_worker_made_it(
     (ahead,) = [p for p in r.jobs_dir.iterdir() if p.name.startswith(".ahead-")]
     assert os.listxattr(ahead) == [] and stat.S_IMODE(ahead.stat().st_mode) == 0o711
     assert sorted(p.name for p in ahead.iterdir()) == ["control", "job"]
-    assert os.stat(ahead / "control" / "owner.lock").st_nlink == 1
+    lock = os.stat(ahead / "control" / "owner.lock")
+    assert (lock.st_nlink, lock.st_size) == (1, 0)
     assert str(empty) not in Path("/proc/self/mountinfo").read_text()
     assert decided == [change == "nothing"], f"{change}: handed on: {decided}"
     nxt = r.run(JobSpec(ids[1], "bash", "ls -A; stat -c %a ..\n", {}, 30))
@@ -436,7 +438,10 @@ def test_a_tmpfs_made_ahead_that_will_not_attach_leaves_the_job_its_quota(
     the spot instead, never left out."""
     from runtime import mounts
 
+    refusals: list[str] = []
+
     def refused(mount_fd: int, target: str) -> None:
+        refusals.append(target)
         raise mounts.MountError(1, f"move_mount {target}: Operation not permitted")
 
     monkeypatch.setattr(JobDir, "detached_mounts", True)  # restored after the test
@@ -446,4 +451,28 @@ def test_a_tmpfs_made_ahead_that_will_not_attach_leaves_the_job_its_quota(
         result = run(r, "stat -f -c %T .\n", f"noattach0000000{n}")
         assert (result.status, result.stdout) == ("success", "tmpfs\n"), result
         r.wait_teardowns()
-    assert JobDir.detached_mounts is False
+    assert len(refusals) == 1 and JobDir.detached_mounts is False  # then on the spot only
+
+
+@pytest.mark.req("R-JOB-3", "R-TBL-RES")
+def test_a_long_teardown_holds_off_no_later_jobs_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How long stripping a volume takes is the job's to decide (its size): that teardown
+    runs on a thread of its own, so the next job is still stopped at its deadline."""
+    import runtime.jobdir
+
+    strip = runtime.jobdir.strip_setid
+
+    def slow_strip(fd: int) -> int:
+        time.sleep(4)  # a volume of millions of files
+        return strip(fd)
+
+    monkeypatch.setattr(runtime.jobdir, "strip_setid", slow_strip)
+    r = runner(tmp_path, "none")
+    assert run(r, "# volume: big\ntrue\n", "longteardown0001").status == "success"
+    started = time.monotonic()
+    late = r.run(JobSpec("longteardown0002", "bash", "sleep 30\n", {}, 1))
+    took = time.monotonic() - started
+    assert late.status == "timeout", late
+    assert took < 3, f"a 1 s job ended after {took:.1f} s, behind the last job's teardown"

@@ -74,3 +74,22 @@ def test_a_failed_teardown_is_logged_and_the_next_still_runs(
         tidier.settle()
     assert done == ["next"]
     assert "umount: busy" in caplog.text
+
+
+def test_a_heavy_teardown_runs_on_its_own_thread_and_only_settle_waits_for_it() -> None:
+    """One whose length the job decides (a volume to strip) never holds the job loop."""
+    tidier = Tidier()
+    release = threading.Event()
+    done: list[str] = []
+
+    def heavy() -> None:
+        release.wait(5)
+        done.append("heavy")
+
+    tidier.submit(heavy, heavy=True)
+    tidier.submit(lambda: done.append("light"))
+    tidier.pause()  # the job loop's pause: the light one only
+    assert done == ["light"]
+    release.set()
+    tidier.settle()
+    assert done == ["light", "heavy"]
