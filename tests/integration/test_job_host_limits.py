@@ -378,7 +378,10 @@ def test_a_retry_right_behind_its_first_attempt_runs_clean(tmp_path: Path, backe
 
 TAMPERING = {
     "nothing": "",
-    "an xattr on its root": "os.setxattr('..', 'user.mark', b'1')",
+    "an xattr on its root": (
+        "try:\n    os.setxattr('..', 'user.mark', b'1')\n"
+        "except OSError as exc:\n    print('no user xattrs' if exc.errno == 95 else exc)"
+    ),
     "its root opened to all": "os.chmod('..', 0o777)",
     "a second link to the lock": "os.link('../control/owner.lock', os.environ['LINK'])",
     "a file beside its dir": "open('../stray', 'w').close()",
@@ -417,6 +420,8 @@ def test_a_job_dir_goes_to_the_next_job_only_as_the_worker_made_it(
     ids = [f"tampered{sorted(TAMPERING).index(change)}{n:07d}" for n in (1, 2)]  # xdist: unique
     result = r.run(JobSpec(ids[0], "python3", script, env, 30))
     assert result.status == "success", result
+    if result.stdout.strip() == "no user xattrs":  # hostfs in a UML guest, for one
+        pytest.skip("this filesystem takes no user xattrs: the attack cannot be made here")
     r.wait_teardowns()  # the worker's pause: the next job's place is made
     (ahead,) = [p for p in r.jobs_dir.iterdir() if p.name.startswith(".ahead-")]
     assert os.listxattr(ahead) == [] and stat.S_IMODE(ahead.stat().st_mode) == 0o711
