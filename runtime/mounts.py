@@ -55,8 +55,13 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str = 
 
 def tmpfs(target: str, size_mb: int, uid: int, gid: int) -> None:
     """A private tmpfs of `size_mb` that only uid:gid may enter; nothing in it runs setuid."""
-    options = f"size={size_mb}m,mode=0700,uid={uid},gid={gid}"
+    options = ",".join(f"{k}={v}" for k, v in _tmpfs_options(size_mb, uid, gid).items())
     mount("orvanta-job", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+
+
+def _tmpfs_options(size_mb: int, uid: int, gid: int) -> dict[str, str]:
+    """A job dir's tmpfs, whichever way it is mounted: its size and only uid:gid inside."""
+    return {"size": f"{size_mb}m", "mode": "0700", "uid": str(uid), "gid": str(gid)}
 
 
 # The mount API of Linux 5.2 (the same numbers on every architecture): a mount made
@@ -77,16 +82,12 @@ def detached_tmpfs(size_mb: int, uid: int, gid: int) -> int:
     if fs < 0:
         _check(fs, "fsopen", "tmpfs")
     try:
-        options = {
-            b"source": b"orvanta-job",
-            b"size": f"{size_mb}m".encode(),
-            b"mode": b"0700",
-            b"uid": str(uid).encode(),
-            b"gid": str(gid).encode(),
-        }
+        options = {"source": "orvanta-job", **_tmpfs_options(size_mb, uid, gid)}
         for key, value in options.items():
             _check(
-                syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key, value, 0), "fsconfig", "tmpfs"
+                syscall(SYS_FSCONFIG, fs, FSCONFIG_SET_STRING, key.encode(), value.encode(), 0),
+                "fsconfig",
+                "tmpfs",
             )
         _check(syscall(SYS_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig", "tmpfs")
         fd = syscall(SYS_FSMOUNT, fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)

@@ -5,7 +5,7 @@ directory and cgroup and freeing its ids is what costs the most of a trivial
 job on a root worker after its spawn. The worker's own thread does it at the
 moments it would otherwise only wait: right after it spawned the next job
 (whose end it waits for next), and when it waits for a job to come
-(`settle`). A thread of its own did the same work but took the GIL from
+(`pause`). A thread of its own did the same work but took the GIL from
 the job loop at every syscall: measured, about 70 lock handoffs and 0.3 ms of
 worker CPU a job, and 12% fewer jobs a second. A teardown whose length the job
 decides (its dir a plain directory it filled, volumes whose setuid bits are

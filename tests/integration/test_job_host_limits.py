@@ -13,12 +13,13 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import BACKEND_ENV, processes_with, tool_missing
+from cli_helpers import BACKEND_ENV, processes_with, tool_missing, wait_until
 
 from runtime.executor import JobRunner
 from runtime.jobdir import JobDir
@@ -481,3 +482,38 @@ def test_a_long_teardown_holds_off_no_later_jobs_timeout(
     took = time.monotonic() - started
     assert late.status == "timeout", late
     assert took < 3, f"a 1 s job ended after {took:.1f} s, behind the last job's teardown"
+
+
+@pytest.mark.req("R-JOB-5", "R-XJOB-1")
+def test_a_copy_of_a_jobs_tmpfs_in_another_namespace_goes_with_the_job(tmp_path: Path) -> None:
+    """A mount namespace made while a job runs (another worker's unshare job) copies the
+    job's tmpfs. When the job's dir is handed on, its job/ is made anew: removing the old
+    one detaches that copy (shown to stay, at the next job's path, without it)."""
+    r = runner(tmp_path, "none")
+    holder = subprocess.Popen(  # started before the job: no leftover of it, never killed
+        ["sh", "-c", "read go; exec unshare -m --propagation private sleep 60"],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        ran: list[JobResult] = []
+        job = threading.Thread(
+            target=lambda: ran.append(run(r, "echo x > f; sleep 1\n", "copiedtmpfs00001"))
+        )
+        job.start()
+        wait_until((r.jobs_dir / "copiedtmpfs00001" / "job" / "f").exists, 10, "the job")
+        assert holder.stdin is not None
+        holder.stdin.write(b"go\n")
+        holder.stdin.flush()
+
+        def copies() -> list[str]:
+            lines = Path(f"/proc/{holder.pid}/mountinfo").read_text().splitlines()
+            return [line for line in lines if str(r.jobs_dir) in line and "orvanta-job" in line]
+
+        wait_until(copies, 10, "the other namespace's copy of the job's tmpfs")
+        job.join(30)
+        assert ran and ran[0].status == "success", ran
+        r.wait_teardowns()
+        assert copies() == [], "the job's tmpfs outlived it in another namespace"
+    finally:
+        holder.kill()
+        holder.wait()

@@ -21,6 +21,8 @@ def test_a_launchers_input_is_an_anonymous_memory_file_read_from_its_start() -> 
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
         assert b"".join(chunks) == data
+        with pytest.raises(PermissionError):
+            os.write(fd, b"x")  # sealed: not even its holder changes it
     finally:
         os.close(fd)
 
