@@ -97,9 +97,14 @@ class JobRunner:
         atexit.register(self.settle)  # what the last job left is removed at exit too
 
     def run(
-        self, spec: JobSpec, settings: Settings | None = None, cancel: Cancellation | None = None
+        self,
+        spec: JobSpec,
+        settings: Settings | None = None,
+        cancel: Cancellation | None = None,
+        spawned: Callable[[], None] = lambda: None,
     ) -> JobResult:
-        """Run one job to its end. `settings` may carry a newer job_isolation (R-SEL-7)."""
+        """Run one job to its end. `settings` may carry a newer job_isolation (R-SEL-7);
+        `spawned` is called once the job runs (the worker's queue thread waits for it)."""
         settings = settings or self.settings
         started = time.monotonic()
         job_log: list[str] = []
@@ -129,7 +134,7 @@ class JobRunner:
             log.error("job %s refused: %s", spec.id, exc)
             return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
         return self._run(
-            spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started
+            spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started, spawned
         )
 
     def pause(self) -> None:
@@ -244,6 +249,7 @@ class JobRunner:
         ids: idmap.JobIds | None,
         volume_fds: list[tuple[int, str]],
         started: float,
+        spawned: Callable[[], None],
     ) -> JobResult:
         """From here on the job's ids, volumes, directory and cgroup are the tidier's to free
         once it ended (`_tidy`), whatever happens on the way."""
@@ -343,7 +349,7 @@ class JobRunner:
                 ids.owner if ids is not None else None,
             )
             launch = backend.launch(job, _job_env(spec, backend.inner_dir(job)))
-            outcome = self._execute(launch, job, cgroup, cancel)  # every process dead after it
+            outcome = self._execute(launch, job, cgroup, cancel, spawned)  # all dead after it
             if place.full():
                 job_log.append(
                     f"disk quota: the job filled its {settings.limits.disk_mb} MiB job dir "
@@ -427,6 +433,7 @@ class JobRunner:
         job: PreparedJob,
         cgroup: JobCgroup | None,
         cancel: Cancellation | None,
+        spawned: Callable[[], None],
     ) -> tuple[int, bool, str, str, list[str], float | None]:
         # No preexec_fn: it would force a full fork of the worker for every job. The child is
         # born in the job's cgroup and at the job's OOM score because the worker takes both on
@@ -459,9 +466,14 @@ class JobRunner:
                 os.close(fd)
             if stdin != subprocess.DEVNULL:
                 os.close(stdin)
+
+        def meanwhile() -> None:
+            spawned()
+            self._tidier.pause()
+
         try:
             out, err, stopped = _collect(
-                proc, job.timeout, self.settings.output_limit, cancel, self._tidier.pause
+                proc, job.timeout, self.settings.output_limit, cancel, meanwhile
             )
         finally:
             survivors, escaped, cpu = _kill_job(proc, cgroup, spared)

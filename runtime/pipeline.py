@@ -6,6 +6,13 @@ queue for cancels and beats the worker's heartbeat. The job loop only takes a
 claimed job and hands back its result, so neither a claim nor a result sits
 between one job's end and the next one's spawn.
 
+Nor does this thread's own work: from a take to that job's spawn it waits (at most
+SPAWN_WAIT_SECONDS) before recording or claiming, and does both while the job runs.
+The two threads share one GIL, and every syscall of the job loop's preparation
+(a mkdir, a rename, a write) would hand it to this thread's SQLite or JSON work for
+as long as that work ran: measured, the preparation took 0.5 ms with this thread
+busy beside it and 0.26 ms with it waiting.
+
 Prefetch never keeps a job from an idle worker for long: the worker prefetches only
 while its current job is younger than PREFETCH_HOLD_SECONDS, and a prefetched job
 still waiting after that goes back to the queue (`release`, which undoes the claim's
@@ -38,6 +45,7 @@ CANCEL_POLL_SECONDS = 0.25
 HEARTBEAT_SECONDS = 2.0
 PREFETCH_HOLD_SECONDS = 0.5  # longest a prefetched job waits behind this worker's current one
 RESULT_RETRY_SECONDS = 0.5
+SPAWN_WAIT_SECONDS = 0.05  # longest the link defers its work to a job being prepared
 
 
 @dataclass
@@ -95,6 +103,8 @@ class QueueLink:
         self._next_claim = 0.0
         self._idle = IDLE_POLL_SECONDS
         self._beat = 0.0
+        self._may_work = threading.Event()  # clear from a take to that job's spawn
+        self._may_work.set()
         self.fatal: Exception | None = None  # an error no retry fixes (a rotated agent token)
         self._thread = threading.Thread(target=self._loop, name="queue-link", daemon=True)
         self._thread.start()
@@ -123,10 +133,15 @@ class QueueLink:
                 if not held.cancel.requested:
                     held.started = time.monotonic()
                     self._running[held.spec.id] = held
+                    self._may_work.clear()  # until `spawned`: see the module's docstring
                     return held
                 # canceled while it waited: recorded so, never started
                 self._outbox.append(Outgoing(canceled(held.spec.id), time.monotonic() + self.lease))
                 held.cancel.close()
+
+    def spawned(self) -> None:
+        """The taken job is running (or will not): the link thread goes on with its work."""
+        self._may_work.set()
 
     def post(self, held: Held, result: JobResult, last: bool = False) -> None:
         """The job's result, recorded by the link thread; the job loop goes on at once.
@@ -138,12 +153,14 @@ class QueueLink:
             self._outbox.append(Outgoing(result, time.monotonic() + self.lease))
             self._next_claim, self._idle = 0.0, IDLE_POLL_SECONDS
             self._wake()
+        self._may_work.set()
 
     def close(self) -> None:
         """Stop claiming, send every result (within its lease), hand prefetched jobs back."""
         with self._cond:
             self._claiming = False
             self._wake()
+        self._may_work.set()
         self._thread.join()
         for held in self._ready:
             self._release(held, "the worker is stopping")
@@ -179,11 +196,13 @@ class QueueLink:
         while True:
             # leases between every call that may block: a slow one must not let them lapse
             self._keep_leases()
+            self._may_work.wait(SPAWN_WAIT_SECONDS)
             self._send_results()
             with self._cond:
                 if not self._claiming and not self._outbox:
                     return
             self._keep_leases()
+            self._may_work.wait(SPAWN_WAIT_SECONDS)
             self._claim_ahead()
             self._keep_leases()
             self._beat_heartbeat()
@@ -327,6 +346,15 @@ class QueueLink:
     def _send(self, out: Outgoing) -> bool:
         """Record one result; True when done with it (recorded, refused for good, or late)."""
         result = out.result
+        if not out.retry_at:  # logged here, once, not by the job loop between two jobs
+            log.info(
+                "job %s: %s exit=%s isolation=%s in %.3fs",
+                result.job_id,
+                result.status,
+                result.exit_code,
+                result.isolation,
+                result.duration,
+            )
         try:
             if not self.source.complete(result, self.name):
                 log.warning("job %s: lease lost before completion; result dropped", result.job_id)

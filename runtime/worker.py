@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from types import FrameType
 from typing import Protocol
@@ -167,16 +168,8 @@ class Worker:
                 held = link.take(self.stopping, self.runner.pause)
                 if held is None:
                     break
-                result = self._run(held)
-                link.post(held, result, last=self.stopping.is_set())
-                log.info(
-                    "job %s: %s exit=%s isolation=%s in %.3fs",
-                    result.job_id,
-                    result.status,
-                    result.exit_code,
-                    result.isolation,
-                    result.duration,
-                )
+                result = self._run(held, link.spawned)
+                link.post(held, result, last=self.stopping.is_set())  # and logged there
                 done += 1
         finally:
             link.close()
@@ -192,10 +185,10 @@ class Worker:
         except Exception as exc:
             log.warning("worker %s: heartbeat failed: %s", self.name, exc)
 
-    def _run(self, held: Held) -> JobResult:
+    def _run(self, held: Held, spawned: Callable[[], None]) -> JobResult:
         """Run one job; its lease and cancel are the link's. A job error never stops the worker."""
         try:
-            return self.runner.run(held.spec, held.settings, cancel=held.cancel)
+            return self.runner.run(held.spec, held.settings, held.cancel, spawned)
         except Exception as exc:
             log.exception("job %s: the worker could not run it", held.spec.id)
             return JobResult(

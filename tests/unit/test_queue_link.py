@@ -1,0 +1,101 @@
+"""The worker's queue thread keeps off the job loop from a take to that job's spawn
+(runtime.pipeline), on a real SQLite queue whose calls are timed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.pipeline import SPAWN_WAIT_SECONDS, QueueLink
+from runtime.queue import JobQueue
+from runtime.settings import Settings
+
+
+class Timed:
+    """The queue, with the time of each claim and completion it was asked for."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self.queue = queue
+        self.path = queue.path
+        self.calls: list[tuple[str, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.queue, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if name in ("claim", "complete"):
+                self.calls.append((name, time.monotonic()))
+            return method(*args, **kwargs)
+
+        return timed
+
+    def after(self, moment: float) -> list[str]:
+        return [name for name, at in self.calls if at >= moment]
+
+
+def wait_for(condition: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.mark.req("R-JOB-3")
+def test_the_queue_thread_waits_for_the_spawn_of_the_job_taken(tmp_path: Path) -> None:
+    queue = JobQueue.open(None, tmp_path)
+    for _ in range(3):
+        queue.submit("bash", "true\n")
+    source = Timed(queue)
+    settings = Settings.from_env({})
+    link = QueueLink(
+        source,  # type: ignore[arg-type]
+        "w",
+        30.0,
+        lambda: settings.worker_tags,
+        lambda: settings,
+        lambda: None,
+    )
+    stopping = threading.Event()
+    try:
+        first = link.take(stopping)
+        assert first is not None
+        time.sleep(SPAWN_WAIT_SECONDS / 2)
+        assert source.after(0.0) == ["claim"], "claimed ahead before the taken job was spawned"
+        spawned = time.monotonic()
+        link.spawned()
+        wait_for(lambda: "claim" in source.after(spawned))
+        link.post(first, _result(first.spec.id))
+        posted = time.monotonic()
+        wait_for(lambda: "complete" in source.after(posted))
+
+        # without a spawn (a job refused before it): the thread waits no longer than the bound
+        second = link.take(stopping)
+        assert second is not None
+        taken = time.monotonic()
+        wait_for(lambda: "claim" in source.after(taken))
+        waited = next(at for name, at in source.calls if name == "claim" and at >= taken) - taken
+        assert SPAWN_WAIT_SECONDS * 0.8 <= waited < 1.0, waited
+        link.spawned()
+        link.post(second, _result(second.spec.id))
+    finally:
+        link.close()
+        queue.close()
+    assert queue_counts(tmp_path) == {"done": 2, "queued": 1}  # the third handed back
+
+
+def _result(job_id: str) -> Any:
+    from runtime.jobs import JobResult
+
+    return JobResult(job_id, "none", "success", 0, 0.001, "", "", [])
+
+
+def queue_counts(state_dir: Path) -> dict[str, int]:
+    queue = JobQueue.open(None, state_dir)
+    try:
+        return dict(queue.counts())
+    finally:
+        queue.close()
