@@ -91,6 +91,8 @@ class JobRunner:
         self._ahead: list[JobDir] = []  # a job dir the tidier made for the next job
         self._groups_ahead = AheadGroups()  # cgroups the tidier made for the next job (v1)
         self._nsjail_next = False  # the last job ran under nsjail: make its parents ahead
+        self._ids_next = False  # the last job had ids of its own: take the next one's ahead
+        self._ids_ahead: idmap.JobIds | None = None
         self._ahead_lock = threading.Lock()
         self._tearing_down: set[str] = set()  # job ids whose teardown is still to be done
         self._backends: dict[tuple[str, Settings], Backend] = {}
@@ -115,7 +117,10 @@ class JobRunner:
             annotated = header.sandbox
             decision = select_isolation(settings, self.caps, annotated)
             backend = self._backend(decision.backend, settings)
-            if backend.own_ids() and idmap.hardened(settings):
+            self._ids_next = backend.own_ids() and idmap.hardened(settings)
+            if self._ids_next:
+                ids = self._take_ids_ahead(settings)
+            if self._ids_next and ids is None:
                 try:
                     ids = idmap.take_ids(settings)
                 except idmap.JobIdsExhaustedError:
@@ -156,6 +161,10 @@ class JobRunner:
         for place in ahead:
             place.remove()
         groups.remove()
+        with self._ahead_lock:
+            ids, self._ids_ahead = self._ids_ahead, None
+        if ids is not None:
+            ids.release()
 
     def close(self) -> None:
         """`settle`, for a runner done with (a test): nothing is left for the exit."""
@@ -178,6 +187,33 @@ class JobRunner:
     def _take_ahead(self) -> JobDir | None:
         with self._ahead_lock:
             return self._ahead.pop() if self._ahead else None
+
+    def _take_ids_ahead(self, settings: Settings) -> idmap.JobIds | None:
+        """The ids the last teardown took for this job, if they are of `settings`' range."""
+        with self._ahead_lock:
+            ids, self._ids_ahead = self._ids_ahead, None
+        if ids is not None and not idmap.in_range(ids, settings):
+            ids.release()
+            return None
+        return ids
+
+    def _ids_for_next(self) -> None:
+        """Ids (a lock file made on disk) for the next job, taken while nothing waits for
+        them: like any job's, at a random place in the range, never the ones still held."""
+        with self._ahead_lock:
+            wanted = self._ids_next and self._ids_ahead is None
+        if not wanted:
+            return
+        try:
+            ids: idmap.JobIds | None = idmap.take_ids(self.settings)
+        except (OSError, RuntimeError) as exc:  # the next job asks again, and reports it
+            log.debug("no job ids taken ahead: %s", exc)
+            return
+        with self._ahead_lock:
+            if self._ids_ahead is None:
+                self._ids_ahead, ids = ids, None
+        if ids is not None:
+            ids.release()  # another thread's teardown took some meanwhile
 
     def _tidy(
         self,
@@ -237,6 +273,7 @@ class JobRunner:
         with self._ahead_lock:
             self._groups_ahead.remove()  # made meanwhile by another thread's teardown
             self._groups_ahead = groups
+        self._ids_for_next()
 
     def _run(
         self,

@@ -139,6 +139,12 @@ class JobIds:
 _CHECKED_LOCKS: set[Path] = set()
 
 
+def in_range(ids: JobIds, settings: Settings) -> bool:
+    """`ids` are among the ones `settings` gives jobs (ORVANTA_JOB_UID/GID and the count)."""
+    n = ids.uid - settings.job_uid
+    return 0 <= n < settings.job_id_count and ids.gid == settings.job_gid + n
+
+
 def take_ids(settings: Settings, locks: Path = ID_LOCKS) -> JobIds:
     """Ids no other running job of this host has: ORVANTA_JOB_UID/GID + n for a free n.
 
