@@ -42,6 +42,7 @@ log = logging.getLogger("orvanta.executor")
 
 JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
+IDS_AHEAD_MIN_COUNT = 1024  # a smaller ORVANTA_JOB_ID_COUNT: no ids taken ahead
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
 EXIT_POLL = 0.02  # seconds between exit checks where the kernel offers no pidfd
 ENV_NAME = re.compile(ENV_NAME_PATTERN)
@@ -125,7 +126,7 @@ class JobRunner:
                     ids = idmap.take_ids(settings)
                 except idmap.JobIdsExhaustedError:
                     self._tidier.settle()  # finished jobs may still hold theirs
-                    ids = idmap.take_ids(settings)
+                    ids = self._take_ids_ahead(settings) or idmap.take_ids(settings)
             owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
             volume_fds = self._volumes(
                 spec, header.volumes, owner, timeout=spec.timeout or settings.job_timeout
@@ -202,8 +203,8 @@ class JobRunner:
         them: like any job's, at a random place in the range, never the ones still held."""
         with self._ahead_lock:
             wanted = self._ids_next and self._ids_ahead is None
-        if not wanted:
-            return
+        if not wanted or self.settings.job_id_count < IDS_AHEAD_MIN_COUNT:
+            return  # a range sized to the jobs running at once has no pair to spare
         try:
             ids: idmap.JobIds | None = idmap.take_ids(self.settings)
         except (OSError, RuntimeError) as exc:  # the next job asks again, and reports it

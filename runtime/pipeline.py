@@ -69,6 +69,7 @@ class Outgoing:
     result: JobResult
     deadline: float  # the lease may hold until then; later the job runs again elsewhere
     retry_at: float = 0.0
+    logged: bool = False
 
 
 def canceled(job_id: str) -> JobResult:
@@ -346,7 +347,8 @@ class QueueLink:
     def _send(self, out: Outgoing) -> bool:
         """Record one result; True when done with it (recorded, refused for good, or late)."""
         result = out.result
-        if not out.retry_at:  # logged here, once, not by the job loop between two jobs
+        if not out.logged:  # here, once, not by the job loop between two jobs
+            out.logged = True
             log.info(
                 "job %s: %s exit=%s isolation=%s in %.3fs",
                 result.job_id,

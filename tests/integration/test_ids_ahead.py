@@ -3,6 +3,7 @@ the next job's ids, the next job runs under them, and a stopped runner holds non
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,34 @@ def test_the_next_jobs_ids_are_taken_ahead_and_none_is_held_after(
         second = runner.run(JobSpec("idsaheadsecond01", "bash", HOST_UID, {}, 30))
         assert second.status == "success", second
         assert int(second.stdout) == ahead.uid, "the second job did not run under the ids taken"
-        assert runner._ids_ahead is None
+        assert runner._ids_ahead is not ahead  # (a heavy teardown may take new ones already)
         runner.wait_teardowns()
         again = runner._ids_ahead
         assert again is not None and again.lock_path is not None
     assert not ahead.lock_path.exists() and not again.lock_path.exists(), "ids held after close"
+
+
+@pytest.mark.req("R-HOST-1")
+@pytest.mark.parametrize("backend", ["unshare", "nsjail"])
+def test_one_id_for_the_host_still_runs_job_after_job(tmp_path: Path, backend: str) -> None:
+    """A range of one: each job waits for the last one's teardown to give its ids back (and
+    none is held ahead, which would take the only one)."""
+    missing = tool_missing(backend)
+    if missing:
+        pytest.skip(f"{backend}: {missing}")
+    env = {
+        **BACKEND_ENV[backend],
+        "ORVANTA_STATE_DIR": str(tmp_path / "state"),
+        # a range of its own: no other test's running job holds this id
+        "ORVANTA_JOB_UID": str(1_950_000_000 + os.getpid() % 1000),
+        "ORVANTA_JOB_ID_COUNT": "1",
+    }
+    settings = Settings.from_env(env)
+    if not idmap.hardened(settings):
+        pytest.skip("jobs get no host ids of their own here (not root, or ORVANTA_JOB_UID=0)")
+    with JobRunner(settings, probe_host(settings)) as runner:
+        for n in range(3):
+            result = runner.run(JobSpec(f"idsonlyone{n:06d}", "bash", HOST_UID, {}, 30))
+            assert result.status == "success", result
+            assert int(result.stdout) == settings.job_uid
+        assert runner._ids_ahead is None
