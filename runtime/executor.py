@@ -380,7 +380,6 @@ class JobRunner:
                 spec.id,
                 lang,
                 place.job_dir,
-                place.control_dir,
                 timeout,
                 nsjail_parent,
                 tuple(jail_binds),

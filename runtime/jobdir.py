@@ -36,7 +36,6 @@ log = logging.getLogger("orvanta.jobdir")
 class JobDir:
     root: Path
     job_dir: Path
-    control_dir: Path
     quota: bool  # the job dir is a size-limited tmpfs
     owner: tuple[int, int] = (0, 0)  # the job's host uid and gid
     mounted: list[str] = field(default_factory=list)  # innermost last
@@ -58,7 +57,7 @@ class JobDir:
         job_dir.mkdir(mode=0o700)
         control = root / "control"
         control.mkdir(mode=0o700)
-        place = cls(root, job_dir, control, quota=False)
+        place = cls(root, job_dir, quota=False)
         # locked before it has its name: a starting worker's sweep never sees it unlocked
         place.lock_fd = os.open(control / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(place.lock_fd, fcntl.LOCK_EX)
@@ -97,7 +96,7 @@ class JobDir:
                 cls.renames = False  # every job dir is made on the spot from now on
                 log.warning("job dirs are not made ahead here: %s", exc)
                 return cls.create(jobs_root, job_id, owner, disk_mb, mount)
-            place = cls(root, root / "job", root / "control", quota=False, lock_fd=ahead.lock_fd)
+            place = cls(root, root / "job", quota=False, lock_fd=ahead.lock_fd)
             place.mount_fd, place.mount_mb, place.made = ahead.mount_fd, ahead.mount_mb, ahead.made
             ahead.lock_fd = ahead.mount_fd = -1  # the job's place holds them now
         place.owner = owner
@@ -257,7 +256,7 @@ class JobDir:
             mounts.rename_noreplace(str(self.root), str(target))
         except OSError:
             return False
-        self.root, self.job_dir, self.control_dir = target, target / "job", target / "control"
+        self.root, self.job_dir = target, target / "job"
         self.quota = False
         return True
 

@@ -37,7 +37,6 @@ class PreparedJob:
     job_id: str
     language: Language
     job_dir: Path  # on the host
-    control_dir: Path  # beside job_dir, never visible to the job (configs, logs)
     timeout: float
     cgroup_parent: str | None = "orvanta"  # where nsjail makes its cgroups; None: no cgroups
     # volumes the backend binds itself, (source, name in the job dir), where the worker could not

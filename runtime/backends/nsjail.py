@@ -6,9 +6,10 @@ user namespace is made (DISABLE_NUSER, R-NSJ-2), whom the jail's uid is on the
 host (ORVANTA_JOB_UID, never root for a root worker), whether the network is
 isolated, and the job's own variables. nsjail itself runs as root with the
 worker's fixed environment; the job's variables reach only the jailed process
-(`envar`, with `keep_env: false`). The rendered config lives in the job's
-control dir (root only, outside /job). Volumes are already bound inside the
-job dir by the worker, and nsjail's bind of /job carries them along.
+(`envar`, with `keep_env: false`). The rendered config is a sealed memfd of the
+worker's that nsjail opens as /proc/self/fd/N: no file, outside /job or in it.
+Volumes are already bound inside the job dir by the worker, and nsjail's bind of
+/job carries them along.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from cli_helpers import BACKEND_ENV, jobs_cgroup, tool_missing, wait_until
+from cli_helpers import BACKEND_ENV, job_cgroup, jobs_cgroup, tool_missing, wait_until
 
 from runtime import cgroups
 from runtime.executor import JobRunner
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.integration
 
 def mine(controller: str) -> list[Path]:
     """This process's groups made ahead under `controller` (v1), or under orvanta/ (v2)."""
-    parent = jobs_cgroup() if controller == "freezer" else cgroups.ROOT / controller / "orvanta"
+    if controller == "freezer":
+        parent = jobs_cgroup()
+    else:
+        parent = cgroups.ROOT / controller / cgroups.PARENT
     if not parent.is_dir():
         return []
     return [p for p in parent.iterdir() if p.name.startswith(f"{cgroups.AHEAD}{os.getpid()}-")]
@@ -58,9 +61,9 @@ def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, ba
             )
         )
         job.start()
-        group = jobs_cgroup() / "job-aheadsecond00001"
+        group = job_cgroup("aheadsecond00001")
         wait_until(group.exists, 10, "the second job's group")
-        taken = {c: cgroups.ROOT / c / "orvanta" / "job-aheadsecond00001" for c in controllers}
+        taken = {c: cgroups.ROOT / c / cgroups.PARENT / "job-aheadsecond00001" for c in controllers}
         assert {c: p.stat().st_ino for c, p in taken.items()} == inodes, (
             "the job's groups are new ones, not the ones made ahead for it"
         )
@@ -69,7 +72,7 @@ def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, ba
         assert result and result[0].status == "success", result
     for controller in controllers:
         assert mine(controller) == [], f"a {controller} group made ahead outlived its runner"
-        leftover = cgroups.ROOT / controller / "orvanta"
+        leftover = cgroups.ROOT / controller / cgroups.PARENT
         assert not list(leftover.glob("job-ahead*")), list(leftover.glob("job-ahead*"))
 
 

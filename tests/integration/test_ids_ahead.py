@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import BACKEND_ENV, tool_missing
 
-from runtime import idmap
+from runtime import executor, idmap
 from runtime.executor import JobRunner
 from runtime.jobs import JobSpec
 from runtime.settings import Settings
@@ -51,10 +51,16 @@ def test_the_next_jobs_ids_are_taken_ahead_and_none_is_held_after(
 
 
 @pytest.mark.req("R-HOST-1")
+@pytest.mark.parametrize("ahead", [False, True], ids=["as-configured", "ids-ahead-too"])
 @pytest.mark.parametrize("backend", ["unshare", "nsjail"])
-def test_one_id_for_the_host_still_runs_job_after_job(tmp_path: Path, backend: str) -> None:
-    """A range of one: each job waits for the last one's teardown to give its ids back (and
-    none is held ahead, which would take the only one)."""
+def test_one_id_for_the_host_still_runs_job_after_job(
+    tmp_path: Path, backend: str, ahead: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range of one: each job waits for the last one's teardown to give its ids back. As
+    configured none is taken ahead for so small a range; where one is (`ahead`), the settle
+    that a job out of ids waits for takes the only one ahead, and the job must use it."""
+    if ahead:
+        monkeypatch.setattr(executor, "IDS_AHEAD_MIN_COUNT", 1)
     missing = tool_missing(backend)
     if missing:
         pytest.skip(f"{backend}: {missing}")
@@ -73,4 +79,5 @@ def test_one_id_for_the_host_still_runs_job_after_job(tmp_path: Path, backend: s
             result = runner.run(JobSpec(f"idsonlyone{n:06d}", "bash", HOST_UID, {}, 30))
             assert result.status == "success", result
             assert int(result.stdout) == settings.job_uid
-        assert runner._ids_ahead is None
+        runner.wait_teardowns()
+        assert (runner._ids_ahead is not None) == ahead

@@ -22,7 +22,7 @@ import pytest
 from cli_helpers import BACKEND_ENV, processes_with, tool_missing, wait_until
 
 from runtime.executor import JobRunner
-from runtime.jobdir import JobDir
+from runtime.jobdir import AHEAD, JobDir
 from runtime.jobs import JobResult, JobSpec
 from runtime.settings import Settings
 from runtime.startup import probe_host
@@ -253,8 +253,6 @@ print("left")
 def test_a_starting_worker_removes_what_a_killed_one_left_mounted(tmp_path: Path) -> None:
     """A worker killed mid-job leaves its tmpfs job dir mounted; the next worker of the same
     jobs root unmounts and removes it, and never touches a live worker's job dir."""
-    from runtime.jobdir import JobDir
-
     first = runner(tmp_path, "none")
     live = JobDir.create(first.jobs_dir, "livejob000000001", (0, 0), 4, True)
     dead = JobDir.create(first.jobs_dir, "deadjob000000001", (0, 0), 4, True)
@@ -424,7 +422,7 @@ def test_a_job_dir_goes_to_the_next_job_only_as_the_worker_made_it(
     if result.stdout.strip() == "no user xattrs":  # hostfs in a UML guest, for one
         pytest.skip("this filesystem takes no user xattrs: the attack cannot be made here")
     r.wait_teardowns()  # the worker's pause: the next job's place is made
-    (ahead,) = [p for p in r.jobs_dir.iterdir() if p.name.startswith(".ahead-")]
+    (ahead,) = [p for p in r.jobs_dir.iterdir() if p.name.startswith(AHEAD)]
     assert os.listxattr(ahead) == [] and stat.S_IMODE(ahead.stat().st_mode) == 0o711
     assert sorted(p.name for p in ahead.iterdir()) == ["control", "job"]
     lock = os.stat(ahead / "control" / "owner.lock")

@@ -21,11 +21,7 @@ def backend() -> Bubblewrap:
 
 @pytest.mark.req("R-JOB-1", "R-HOST-1")
 def test_the_jobs_variables_never_reach_a_command_line(tmp_path: Path) -> None:
-    control = tmp_path / "control"
-    control.mkdir()
-    job = PreparedJob(
-        "j1", language("bash"), tmp_path / "job", control, 5.0, None, (), (70005, 70005)
-    )
+    job = PreparedJob("j1", language("bash"), tmp_path / "job", 5.0, None, (), (70005, 70005))
     launch = backend().launch(job, {"API_TOKEN": "s3cret-value", "PATH": "/usr/bin"})
     assert not any("s3cret" in arg for arg in launch.argv)
     assert "s3cret" not in str(launch.env)
@@ -41,6 +37,6 @@ def test_the_jobs_variables_never_reach_a_command_line(tmp_path: Path) -> None:
 
 
 def test_without_ids_of_its_own_bwrap_runs_as_the_worker(tmp_path: Path) -> None:
-    job = PreparedJob("j2", language("python3"), tmp_path / "job", tmp_path, 5.0)
+    job = PreparedJob("j2", language("python3"), tmp_path / "job", 5.0)
     argv = backend().launch(job, {}).argv
     assert "setpriv" not in argv

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from runtime import pipeline
+from runtime.jobs import JobResult
 from runtime.pipeline import QueueLink
 from runtime.queue import JobQueue
 from runtime.settings import Settings
@@ -21,7 +22,6 @@ class Timed:
 
     def __init__(self, queue: JobQueue) -> None:
         self.queue = queue
-        self.path = queue.path
         self.calls: list[tuple[str, float]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -89,19 +89,11 @@ def test_the_queue_thread_waits_for_the_spawn_of_the_job_taken(
         link.post(second, _result(second.spec.id))
     finally:
         link.close()
-        queue.close()
-    assert queue_counts(tmp_path) == {"done": 2, "queued": 1}  # the third handed back
-
-
-def _result(job_id: str) -> Any:
-    from runtime.jobs import JobResult
-
-    return JobResult(job_id, "none", "success", 0, 0.001, "", "", [])
-
-
-def queue_counts(state_dir: Path) -> dict[str, int]:
-    queue = JobQueue.open(None, state_dir)
     try:
-        return dict(queue.counts())
+        assert dict(queue.counts()) == {"done": 2, "queued": 1}  # the third handed back
     finally:
         queue.close()
+
+
+def _result(job_id: str) -> JobResult:
+    return JobResult(job_id, "none", "success", 0, 0.001, "", "", [])

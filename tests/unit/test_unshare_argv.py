@@ -2,8 +2,8 @@
 
 R-PID-1, R-PID-2; the flags as configured when ORVANTA_JOB_UID=0 (the page's literal
 recipe), hardened so that the job's root is an unprivileged host uid otherwise
-(`hardened_flags`); the job's variables only through a root-only file read inside the
-namespace (dash's stdin, else Perl's fd), never on a command line (which every host user
+(`hardened_flags`); the job's variables only through a sealed memfd of the worker's, read
+inside the namespace (dash's stdin, else Perl's fd), never on a command line (which every host user
 can read).
 """
 
@@ -47,9 +47,6 @@ def host(tini: bool = True, unshare: bool = True) -> HostCapabilities:
     )
 
 
-CONTROL = Path("/nonexistent")  # launch() writes no file: its inputs are data
-
-
 @pytest.fixture(autouse=True)
 def dash_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The argv must not depend on the machine: dash is taken as installed unless a test
@@ -58,7 +55,7 @@ def dash_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def prepared(lang: str) -> PreparedJob:
-    return PreparedJob("0123456789abcdef", language(lang), JOB_DIR, CONTROL, 5.0)
+    return PreparedJob("0123456789abcdef", language(lang), JOB_DIR, 5.0)
 
 
 def settings(**env: str) -> Settings:
