@@ -261,14 +261,19 @@ class CellSession:
         """The queue's wait, but a job this harness just submitted that reads as missing is
         read again for a while: a worker in a gVisor sandbox writes the SQLite file through
         gVisor's gofer, whose shared mapping of its -shm index the host does not see at once,
-        so a read here can miss a job mid-move to the finished table (once in 4 CI runs)."""
-        end = time.monotonic() + MISSING_GRACE
+        so a read here can miss a job mid-move to the finished table (once in 4 CI runs).
+        The grace counts from the first miss: the move comes at the job's end, after a wait
+        that may have lasted longer than the grace itself."""
+        deadline = time.monotonic() + timeout
+        missing_since: float | None = None
         while True:
             try:
                 assert self.queue is not None
-                return self.queue.wait(job_id, timeout)
+                return self.queue.wait(job_id, max(deadline - time.monotonic(), 0.0))
             except JobNotFound:
-                if time.monotonic() > end:
+                now = time.monotonic()
+                missing_since = missing_since if missing_since is not None else now
+                if now - missing_since > MISSING_GRACE:
                     raise
                 time.sleep(0.05)
 
