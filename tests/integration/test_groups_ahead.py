@@ -5,6 +5,7 @@ v2 cannot rename a group, so none is made ahead there."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import threading
 from pathlib import Path
@@ -43,8 +44,11 @@ def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, ba
     env = {**BACKEND_ENV[backend], "ORVANTA_STATE_DIR": str(tmp_path / "state")}
     settings = Settings.from_env(env)
     controllers = ["freezer", *(cgroups.NSJAIL_CONTROLLERS if backend == "nsjail" else [])]
+    # ids of this run alone: a group a killed run left under a fixed id would be reused as
+    # that job's own (a retry's), never replaced by the one made ahead
+    first_id, second_id = (f"ahead{which}{secrets.token_hex(6)}" for which in ("first", "next"))
     with JobRunner(settings, probe_host(settings)) as runner:
-        first = runner.run(JobSpec("aheadfirst000001", "bash", "true\n", {}, 30))
+        first = runner.run(JobSpec(first_id, "bash", "true\n", {}, 30))
         assert first.status == "success", first
         runner.wait_teardowns()  # the worker's pause: the next job's groups are made
         if cgroups.is_v2():
@@ -57,23 +61,26 @@ def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, ba
         result: list[JobResult] = []
         job = threading.Thread(
             target=lambda: result.append(
-                runner.run(JobSpec("aheadsecond00001", "bash", "sleep 1\n", {}, 30))
+                runner.run(JobSpec(second_id, "bash", "sleep 1\n", {}, 30))
             )
         )
         job.start()
-        group = job_cgroup("aheadsecond00001")
-        wait_until(group.exists, 10, "the second job's group")
-        taken = {c: cgroups.ROOT / c / cgroups.PARENT / "job-aheadsecond00001" for c in controllers}
-        assert {c: p.stat().st_ino for c, p in taken.items()} == inodes, (
-            "the job's groups are new ones, not the ones made ahead for it"
-        )
-        assert all(mine(c) == [] for c in controllers), "a group made ahead was left aside"
-        job.join(30)
+        try:  # joined whatever fails: its end kills every child this process has then
+            group = job_cgroup(second_id)
+            wait_until(group.exists, 10, "the second job's group")
+            taken = {c: cgroups.ROOT / c / cgroups.PARENT / f"job-{second_id}" for c in controllers}
+            assert {c: p.stat().st_ino for c, p in taken.items()} == inodes, (
+                "the job's groups are new ones, not the ones made ahead for it"
+            )
+            assert all(mine(c) == [] for c in controllers), "a group made ahead was left aside"
+        finally:
+            job.join(30)
         assert result and result[0].status == "success", result
     for controller in controllers:
         assert mine(controller) == [], f"a {controller} group made ahead outlived its runner"
         leftover = cgroups.ROOT / controller / cgroups.PARENT
-        assert not list(leftover.glob("job-ahead*")), list(leftover.glob("job-ahead*"))
+        assert not list(leftover.glob(f"job-{first_id}")), f"{first_id}'s {controller} group"
+        assert not list(leftover.glob(f"job-{second_id}")), f"{second_id}'s {controller} group"
 
 
 def test_the_groups_a_gone_worker_made_ahead_are_swept() -> None:
