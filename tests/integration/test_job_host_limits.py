@@ -492,11 +492,11 @@ def test_a_copy_of_a_jobs_tmpfs_in_another_namespace_goes_with_the_job(tmp_path:
         ["sh", "-c", "read go; exec unshare -m --propagation private sleep 60"],
         stdin=subprocess.PIPE,
     )
+    ran: list[JobResult] = []
+    job = threading.Thread(
+        target=lambda: ran.append(run(r, "echo x > f; sleep 1\n", "copiedtmpfs00001"))
+    )
     try:
-        ran: list[JobResult] = []
-        job = threading.Thread(
-            target=lambda: ran.append(run(r, "echo x > f; sleep 1\n", "copiedtmpfs00001"))
-        )
         job.start()
         wait_until((r.jobs_dir / "copiedtmpfs00001" / "job" / "f").exists, 10, "the job")
         assert holder.stdin is not None
@@ -513,5 +513,7 @@ def test_a_copy_of_a_jobs_tmpfs_in_another_namespace_goes_with_the_job(tmp_path:
         r.wait_teardowns()
         assert copies() == [], "the job's tmpfs outlived it in another namespace"
     finally:
+        if job.is_alive():  # its end kills every child this process has then
+            job.join(30)
         holder.kill()
         holder.wait()
