@@ -66,9 +66,10 @@ def test_the_next_jobs_groups_are_made_ahead_and_none_is_left(tmp_path: Path, ba
         )
         job.start()
         try:  # joined whatever fails: its end kills every child this process has then
-            group = job_cgroup(second_id)
-            wait_until(group.exists, 10, "the second job's group")
             taken = {c: cgroups.ROOT / c / cgroups.PARENT / f"job-{second_id}" for c in controllers}
+            assert taken["freezer"] == job_cgroup(second_id)
+            # the freezer group comes first, nsjail's parents one by one after it
+            wait_until(lambda: all(p.exists() for p in taken.values()), 10, "the job's groups")
             assert {c: p.stat().st_ino for c, p in taken.items()} == inodes, (
                 "the job's groups are new ones, not the ones made ahead for it"
             )
