@@ -264,18 +264,23 @@ class CellSession:
         so a read here can miss a job mid-move to the finished table (once in 4 CI runs).
         The grace counts from the first miss: the move comes at the job's end, after a wait
         that may have lasted longer than the grace itself."""
+        assert self.queue is not None
         deadline = time.monotonic() + timeout
-        missing_since: float | None = None
+        missing_since: float | None = None  # reset whenever the job reads as present again
         while True:
-            try:
-                assert self.queue is not None
-                return self.queue.wait(job_id, max(deadline - time.monotonic(), 0.0))
-            except JobNotFound:
-                now = time.monotonic()
+            job = self.queue.get(job_id)
+            now = time.monotonic()
+            if job is None:
                 missing_since = missing_since if missing_since is not None else now
                 if now - missing_since > MISSING_GRACE:
-                    raise
-                time.sleep(0.05)
+                    raise JobNotFound(job_id, f" in {self.queue.path}")
+            elif job.status == "done":
+                return job
+            else:
+                missing_since = None
+            if now > deadline:
+                return self.queue.wait(job_id, 0.0)  # its error names the job and its state
+            time.sleep(0.02)
 
     def startup_log(self) -> str:
         """The first worker's log, with the canary secret masked."""

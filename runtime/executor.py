@@ -529,18 +529,25 @@ def _cpu_limit_note(exit_code: int, cpu: float | None, limit: int) -> list[str]:
 
     `cpu` sums the main process and every descendant it waited for; one process past the
     limit puts the sum past it too (several below it may as well: hence "probably"). The
-    kernel kills at the limit by its tick-sampled count, and rusage is the scheduler's exact
-    time, which reads lower on a loaded machine (0.81 s for a 1 s limit measured beside
-    wakeup-heavy neighbours): so half the limit, far above a job that dies at once.
+    kernel kills at the limit by its tick-sampled count (CPUCLOCK_PROF), and rusage is the
+    scheduler's exact time, which reads lower on a loaded machine: a lone process killed at
+    a 1 s limit read 0.70 s beside wakeup-heavy neighbours, reaped directly. So a SIGKILL
+    from half the limit up is named, with the other causes where it reads short of it.
     """
     if exit_code not in (128 + signal.SIGKILL, 128 + signal.SIGXCPU) or cpu is None:
         return []
     if cpu < limit * CPU_NOTE_SHARE:
         return []
     name = signal.Signals(exit_code - 128).name
+    sure = exit_code == 128 + signal.SIGXCPU or cpu >= limit * 0.98
+    head = f"cpu limit: killed by {name} (exit {exit_code}) after {cpu:.2f} s of CPU time, "
+    rule = f"each process of a job may use {limit} s (ORVANTA_JOB_CPU_SECONDS, RLIMIT_CPU)"
+    if sure:
+        return [f"{head}probably the limit: {rule}"]
     return [
-        f"cpu limit: killed by {name} (exit {exit_code}) after {cpu:.2f} s of CPU time, probably "
-        f"the limit: each process of a job may use {limit} s (ORVANTA_JOB_CPU_SECONDS, RLIMIT_CPU)"
+        f"{head}perhaps the limit: {rule}, counted by the kernel in ticks, which a loaded "
+        "machine reads high; else the memory limit (ORVANTA_JOB_MEMORY_MB) or a kill from "
+        "outside the job"
     ]
 
 

@@ -106,6 +106,7 @@ class QueueLink:
         self._beat = 0.0
         self._may_work = threading.Event()  # clear from a take to that job's spawn
         self._may_work.set()
+        self._hold_until = 0.0  # the link waits for that spawn no longer than this (monotonic)
         self.fatal: Exception | None = None  # an error no retry fixes (a rotated agent token)
         self._thread = threading.Thread(target=self._loop, name="queue-link", daemon=True)
         self._thread.start()
@@ -134,6 +135,7 @@ class QueueLink:
                 if not held.cancel.requested:
                     held.started = time.monotonic()
                     self._running[held.spec.id] = held
+                    self._hold_until = held.started + SPAWN_WAIT_SECONDS
                     self._may_work.clear()  # until `spawned`: see the module's docstring
                     return held
                 # canceled while it waited: recorded so, never started
@@ -197,13 +199,13 @@ class QueueLink:
         while True:
             # leases between every call that may block: a slow one must not let them lapse
             self._keep_leases()
-            self._may_work.wait(SPAWN_WAIT_SECONDS)
+            self._wait_for_spawn()
             self._send_results()
             with self._cond:
                 if not self._claiming and not self._outbox:
                     return
             self._keep_leases()
-            self._may_work.wait(SPAWN_WAIT_SECONDS)
+            self._wait_for_spawn()
             self._claim_ahead()
             self._keep_leases()
             self._beat_heartbeat()
@@ -211,6 +213,11 @@ class QueueLink:
                 if not self._woken:
                     self._cond.wait(self._pause())
                 self._woken = False
+
+    def _wait_for_spawn(self) -> None:
+        """Until the job taken last is spawned: SPAWN_WAIT_SECONDS from its take in all, however
+        many times the loop asks (a job refused before its spawn holds nothing up longer)."""
+        self._may_work.wait(max(self._hold_until - time.monotonic(), 0.0))
 
     def _pause(self) -> float:
         now = time.monotonic()

@@ -80,8 +80,8 @@ def test_timeout_kills_the_whole_job(
     start_up = time.monotonic() - started  # the CLI's own start and end (seconds in a UML guest)
     assert quick.result is not None, quick
     # 1 s, or more where a bare job's start alone takes a good part of it (a loaded UML guest:
-    # the sleeper's Python had not printed yet when its 1 s was up)
-    timeout = max(1, math.ceil(4 * quick.result["duration"]))
+    # the sleeper's Python had not printed yet when its 1 s was up; it imports and forks too)
+    timeout = max(1, math.ceil(8 * quick.result["duration"]))
     started = time.monotonic()
     rc, result, stderr = run_job(
         SLEEPER.format(marker=marker),
