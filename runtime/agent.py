@@ -101,7 +101,14 @@ class AgentClient:
         if job is None:
             return None
         return JobSpec(
-            job["id"], job["language"], job["script"], job["env"], job["timeout"], job["workspace"]
+            job["id"],
+            job["language"],
+            job["script"],
+            job["env"],
+            job["timeout"],
+            job["workspace"],
+            job.get("job_isolation"),
+            job_isolation_read="job_isolation" in job,  # an older server's: asked apart
         )
 
     def _beat(self, job_id: str, worker: str, lease: float) -> dict[str, Any]:

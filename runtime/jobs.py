@@ -23,6 +23,10 @@ class JobSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
     workspace: str = DEFAULT_WORKSPACE  # whose persistent volumes the job may mount (R-ANN-4)
+    # the instance's job_isolation as the claim read it, in the same statement (R-SEL-7): the
+    # worker asks the queue again only where the claim could not say (an older server)
+    job_isolation: str | None = None
+    job_isolation_read: bool = False
 
 
 @dataclass

@@ -88,7 +88,7 @@ class QueueLink:
         name: str,
         lease: float,
         tags: Callable[[], tuple[str, ...]],
-        settings_for: Callable[[], Settings],
+        settings_for: Callable[[JobSpec], Settings],
         heartbeat: Callable[[], None],
         max_jobs: int | None = None,
     ) -> None:
@@ -262,7 +262,7 @@ class QueueLink:
             self._idle = min(self._idle * 2, IDLE_POLL_MAX_SECONDS)
             return
         self._idle = IDLE_POLL_SECONDS
-        held = Held(spec, self._settings_for(), time.monotonic())  # the live job_isolation
+        held = Held(spec, self._settings_for(spec), time.monotonic())  # the live job_isolation
         with self._cond:
             if self._budget is not None:
                 self._budget -= 1

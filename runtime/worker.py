@@ -195,15 +195,19 @@ class Worker:
                 held.spec.id, "unknown", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
             )
 
-    def _current_settings(self) -> Settings:
+    def _current_settings(self, spec: JobSpec) -> Settings:
         """The worker's settings with the live job_isolation instance setting (R-SEL-7).
 
-        Read before every job, so a change applies without a restart. A value this
-        worker cannot use is logged and ignored; it never stops the worker.
+        Read for every job, with its claim where the source can (`spec.job_isolation_read`),
+        so a change applies without a restart. A value this worker cannot use is logged and
+        ignored; it never stops the worker.
         """
         settings = self.runner.settings
         try:
-            value = self.queue.setting("job_isolation")
+            if spec.job_isolation_read:
+                value = spec.job_isolation
+            else:
+                value = self.queue.setting("job_isolation")
         except Exception as exc:  # a broken settings table must not crash the worker
             log.error(
                 "job_isolation: cannot read the instance setting (%s); keeping %s",

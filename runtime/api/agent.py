@@ -61,6 +61,7 @@ def agent_claim(body: AgentClaim, group: AgentGroup, claims: Claims) -> AgentCla
             env=dict(spec.env),
             timeout=spec.timeout,
             workspace=spec.workspace,
+            job_isolation=spec.job_isolation,
         )
     )
 

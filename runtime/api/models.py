@@ -136,6 +136,7 @@ class AgentJob(BaseModel):
     env: dict[str, str]
     timeout: float | None
     workspace: str
+    job_isolation: str | None = None  # the instance setting, read with the claim (R-SEL-7)
 
 
 class AgentClaimed(BaseModel):

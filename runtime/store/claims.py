@@ -30,7 +30,8 @@ def claim_query(tag_count: int, skip_locked: str) -> str:
 
     Parameters: worker, group, lease end, now (lapsed leases), the tags (for the lapsed
     lease), the tags again (one queued head each). A lapsed lease goes first: its job
-    was claimed before any queued one.
+    was claimed before any queued one. The instance's job_isolation comes back with the
+    job, read in the same statement: live for every job (R-SEL-7), and no query of its own.
     """
     marks = ",".join("?" * tag_count)
     lapsed = (
@@ -47,7 +48,8 @@ def claim_query(tag_count: int, skip_locked: str) -> str:
                    attempts=attempts+1, lease_until=?
                WHERE id = (SELECT id FROM ({lapsed} UNION ALL {heads}) AS candidates
                            ORDER BY queued, created LIMIT 1)
-               RETURNING id, language, script, env, timeout, workspace, attempts"""
+               RETURNING id, language, script, env, timeout, workspace, attempts,
+                         (SELECT value FROM instance_settings WHERE key='job_isolation')"""
 
 
 class ClaimStore(Store):
@@ -68,9 +70,18 @@ class ClaimStore(Store):
             rows = self.db.query(sql, (worker, group, now + lease, now, *tags, *tags))
             if not rows:
                 return None
-            job_id, language, script, env, timeout, workspace, attempts = rows[0]
+            job_id, language, script, env, timeout, workspace, attempts, isolation = rows[0]
             if attempts <= MAX_ATTEMPTS:
-                return JobSpec(job_id, language, script, json.loads(env), timeout, workspace)
+                return JobSpec(
+                    job_id,
+                    language,
+                    script,
+                    json.loads(env),
+                    timeout,
+                    workspace,
+                    None if isolation is None else str(isolation),
+                    job_isolation_read=True,
+                )
             why = (
                 f"abandoned after {attempts - 1} attempts whose workers died or could not "
                 f"report a result"

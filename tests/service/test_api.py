@@ -195,6 +195,20 @@ def test_job_isolation_set_through_the_api_reaches_running_workers_and_agents(
     assert isolations() == ("none", "none")
 
 
+@pytest.mark.req("R-SEL-7")
+def test_an_agents_claim_carries_the_live_job_isolation(service: Service) -> None:
+    """Read with the claim: an agent asks for it apart only from a server that cannot say."""
+    token = service.create_group("claims", ["claims"])
+    service.call("PUT", "/api/settings/job_isolation", {"value": "nsjail_sandboxing"})
+    try:
+        job = service.submit("print(1)\n", tag="claims")
+        status, claimed = service.call("POST", "/api/agent/claim", {"worker": "c"}, token=token)
+        assert status == 200 and claimed["job"]["id"] == job, claimed
+        assert claimed["job"]["job_isolation"] == "nsjail_sandboxing", claimed
+    finally:
+        service.call("PUT", "/api/settings/job_isolation", {"value": None})
+
+
 VOLUME_JOB = """# volume: cache data
 # sandbox
 import json, os

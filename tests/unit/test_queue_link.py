@@ -62,7 +62,7 @@ def test_the_queue_thread_waits_for_the_spawn_of_the_job_taken(
         "w",
         30.0,
         lambda: settings.worker_tags,
-        lambda: settings,
+        lambda spec: settings,
         lambda: None,
     )
     stopping = threading.Event()

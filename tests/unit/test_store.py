@@ -174,3 +174,18 @@ def test_the_agent_imports_the_standard_library_and_the_job_types_only() -> None
         check=True,
     ).stdout.splitlines()
     assert out == ["['runtime', 'runtime.agent', 'runtime.jobs']", "[]"]
+
+
+@pytest.mark.req("R-SEL-7")
+def test_a_claim_carries_the_live_job_isolation(queue: JobQueue) -> None:
+    """Read in the claim's own statement: live for each job, with no query of its own."""
+    for _ in range(3):
+        queue.submit("bash", "true\n")
+    first = queue.claim("w", 30.0)
+    assert first is not None and first.job_isolation_read and first.job_isolation is None
+    queue.set_setting("job_isolation", "nsjail_sandboxing")
+    second = queue.claim("w", 30.0)
+    assert second is not None and second.job_isolation == "nsjail_sandboxing"
+    queue.set_setting("job_isolation", None)
+    third = queue.claim("w", 30.0)
+    assert third is not None and third.job_isolation_read and third.job_isolation is None
