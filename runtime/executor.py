@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import idmap, reaper
@@ -44,6 +45,10 @@ JOB_PATH = "/usr/local/bin:/usr/bin:/bin"
 JOB_OOM_SCORE_ADJ = b"1000"  # the job, not the worker, is what the OOM killer takes (R-NSJ-3)
 CPU_NOTE_SHARE = 0.5  # of ORVANTA_JOB_CPU_SECONDS: a kill past it gets the note
 IDS_AHEAD_MIN_COUNT = 1024  # a smaller ORVANTA_JOB_ID_COUNT: no ids taken ahead
+# a job prepared ahead is discarded once the running job is this old, well before the queue
+# thread hands an unstarted job back to idle workers (runtime.pipeline.PREFETCH_HOLD_SECONDS)
+AHEAD_HOLD_SECONDS = 0.25
+AHEAD_RETRY_SECONDS = 0.0005  # the next job not claimed yet: asked again, twice as late each time
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
 EXIT_POLL = 0.02  # seconds between exit checks where the kernel offers no pidfd
 ENV_NAME = re.compile(ENV_NAME_PATTERN)
@@ -67,6 +72,44 @@ class Cancellation:
     def close(self) -> None:
         os.close(self._read)
         os.close(self._write)
+
+
+@dataclass(frozen=True)
+class Upcoming:
+    """The job a worker runs next, once its queue thread has claimed it: prepared while
+    the current job runs (`JobRunner.prepare_ahead`), so that one job's end is followed by
+    the next one's spawn. `peek` names it and keeps the queue thread from handing it back
+    while it is prepared; `let_go` says it no longer is (taken, or discarded)."""
+
+    peek: Callable[[], tuple[JobSpec, Settings] | None]
+    let_go: Callable[[JobSpec], None]
+
+
+@dataclass(eq=False)
+class Prepared:
+    """A job made ready to spawn (`JobRunner.prepare`). Everything its teardown frees
+    (`JobRunner._tidy`) is here, so it is run (`start`) or let go unstarted."""
+
+    spec: JobSpec
+    settings: Settings
+    decision: Decision | None = None
+    backend: Backend | None = None
+    annotated: bool = False
+    ids: idmap.JobIds | None = None
+    volume_fds: list[tuple[int, str]] = field(default_factory=list)
+    root: Path | None = None
+    place: JobDir | None = None
+    cgroup: JobCgroup | None = None
+    ours: bool = False  # the root and cgroup are this attempt's, not a live worker's
+    job_log: list[str] = field(default_factory=list)
+    job: PreparedJob | None = None
+    launch: Launch | None = None
+    refused: JobResult | None = None  # may not run: its result, and nothing of it left
+    seconds: float = 0.0  # how long preparing it took: part of the job's duration
+
+    def owner(self) -> tuple[int, int]:
+        """The host uid and gid the job's files belong to."""
+        return self.ids.owner if self.ids is not None else (os.geteuid(), os.getegid())
 
 
 class JobRunner:
@@ -98,6 +141,7 @@ class JobRunner:
         self._ahead_lock = threading.Lock()
         self._tearing_down: set[str] = set()  # job ids whose teardown is still to be done
         self._backends: dict[tuple[str, Settings], Backend] = {}
+        self._ahead_job: Prepared | None = None  # the next job, prepared while one runs
         atexit.register(self.settle)  # what the last job left is removed at exit too
 
     def run(
@@ -106,43 +150,143 @@ class JobRunner:
         settings: Settings | None = None,
         cancel: Cancellation | None = None,
         spawned: Callable[[], None] = lambda: None,
+        upcoming: Upcoming | None = None,
     ) -> JobResult:
         """Run one job to its end. `settings` may carry a newer job_isolation (R-SEL-7);
-        `spawned` is called once the job runs (the worker's queue thread waits for it)."""
+        `spawned` is called once the job runs (the worker's queue thread waits for it);
+        `upcoming` names the job after it, which is prepared while this one runs."""
         settings = settings or self.settings
-        started = time.monotonic()
-        job_log: list[str] = []
-        volume_fds: list[tuple[int, str]] = []
-        ids: idmap.JobIds | None = None
+        job = self._take_prepared(spec, settings, upcoming) or self.prepare(spec, settings)
+        return self.start(job, cancel, spawned, upcoming)
+
+    def prepare(self, spec: JobSpec, settings: Settings | None = None) -> Prepared:
+        """Everything before the spawn: the isolation chosen, ids taken, volumes claimed, the
+        job's directory and cgroup made, the launcher's command built. A refused job comes
+        back with its result (`refused`) and nothing of it left to free."""
+        settings = settings or self.settings
+        begun = time.monotonic()
+        job = Prepared(spec, settings)
         try:
             header = parse_header(spec.script)  # fail closed on a near miss (R-ANN-1)
-            annotated = header.sandbox
-            decision = select_isolation(settings, self.caps, annotated)
-            backend = self._backend(decision.backend, settings)
-            self._ids_next = backend.own_ids() and idmap.hardened(settings)
+            job.annotated = header.sandbox
+            job.decision = select_isolation(settings, self.caps, job.annotated)
+            job.backend = self._backend(job.decision.backend, settings)
+            self._ids_next = job.backend.own_ids() and idmap.hardened(settings)
             if self._ids_next:
-                ids = self._take_ids_ahead(settings)
-            if self._ids_next and ids is None:
+                job.ids = self._take_ids_ahead(settings)
+            if self._ids_next and job.ids is None:
                 try:
-                    ids = idmap.take_ids(settings)
+                    job.ids = idmap.take_ids(settings)
                 except idmap.JobIdsExhaustedError:
                     self._tidier.settle()  # finished jobs may still hold theirs
-                    ids = self._take_ids_ahead(settings) or idmap.take_ids(settings)
-            owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
-            volume_fds = self._volumes(
-                spec, header.volumes, owner, timeout=spec.timeout or settings.job_timeout
+                    job.ids = self._take_ids_ahead(settings) or idmap.take_ids(settings)
+            job.volume_fds = self._volumes(
+                spec, header.volumes, job.owner(), timeout=spec.timeout or settings.job_timeout
             )
         except (IsolationUnavailableError, ValueError, OSError, RuntimeError) as exc:
-            for fd, _ in volume_fds:
+            for fd, _ in job.volume_fds:
                 os.close(fd)
-            if ids is not None:
-                ids.release()
-            job_log.append(f"error: {exc}")
+            if job.ids is not None:
+                job.ids.release()
             log.error("job %s refused: %s", spec.id, exc)
-            return JobResult(spec.id, "unavailable", "error", None, 0.0, "", str(exc), job_log)
-        return self._run(
-            spec, settings, cancel, decision, backend, annotated, ids, volume_fds, started, spawned
+            job.refused = JobResult(
+                spec.id, "unavailable", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
+            )
+            return job
+        try:
+            self._make_place(job)
+        except BaseException:
+            self._let_go(job)
+            raise
+        if job.refused is not None:
+            self._let_go(job)
+        job.seconds = time.monotonic() - begun
+        return job
+
+    def start(
+        self,
+        job: Prepared,
+        cancel: Cancellation | None = None,
+        spawned: Callable[[], None] = lambda: None,
+        upcoming: Upcoming | None = None,
+    ) -> JobResult:
+        """Spawn a prepared job and wait for its end; what it leaves goes to the tidier."""
+        if job.refused is not None:
+            spawned()
+            return job.refused
+        assert job.launch is not None and job.job is not None and job.place is not None
+        assert job.decision is not None and job.backend is not None
+        begun = time.monotonic()
+        settings, job_log = job.settings, job.job_log
+        try:
+            outcome = self._execute(job, cancel, spawned, upcoming)  # all dead after it
+            if job.place.full():
+                job_log.append(
+                    f"disk quota: the job filled its {settings.limits.disk_mb} MiB job dir "
+                    "(ORVANTA_JOB_DISK_MB); writes past it failed with ENOSPC"
+                )
+        finally:
+            self._let_go(job)
+        exit_code, stopped, stdout, stderr, notes, cpu = outcome
+        job_log.extend(notes)
+        if job.backend.rlimits and not stopped:
+            job_log.extend(_cpu_limit_note(exit_code, cpu, settings.limits.cpu_seconds))
+        if stopped:
+            status = "canceled" if cancel is not None and cancel.requested else "timeout"
+            why = "canceled" if status == "canceled" else f"timed out after {job.job.timeout:g}s"
+            job_log.append(f"{why}: every process of the job was killed")
+        else:
+            status = "success" if exit_code == 0 else "failure"
+        duration = job.seconds + time.monotonic() - begun
+        return JobResult(
+            job.spec.id, job.decision.backend, status, exit_code, duration, stdout, stderr, job_log
         )
+
+    def prepare_ahead(self, spec: JobSpec, settings: Settings) -> bool:
+        """Prepare the job this worker runs next while the current one runs (`upcoming`);
+        True if it is now prepared. Not a job that names volumes (the current job may hold
+        one), nor a job whose last attempt is still here: those wait for their turn."""
+        if self._ahead_job is not None:
+            return self._ahead_job.spec == spec and self._ahead_job.settings == settings
+        with self._ahead_lock:
+            again = spec.id in self._tearing_down
+        try:
+            if again or parse_header(spec.script).volumes or (self.jobs_dir / spec.id).exists():
+                return False
+        except ValueError:
+            return False  # refused on its turn, with the header's own error
+        job = self.prepare(spec, settings)
+        if job.refused is not None:
+            return False  # refused again on its turn: a refusal may not hold by then
+        self._ahead_job = job
+        return True
+
+    def discard_ahead(self) -> JobSpec | None:
+        """Undo `prepare_ahead`: the job's directory, cgroup and ids are gone (or renamed
+        away from its id) when this returns, so another worker may take the job. Returns
+        the job discarded, if any."""
+        job, self._ahead_job = self._ahead_job, None
+        if job is None:
+            return None
+        self._let_go(job)
+        self._tidier.settle()  # no longer under the job's id before it is handed back
+        return job.spec
+
+    def _take_prepared(
+        self, spec: JobSpec, settings: Settings, upcoming: Upcoming | None
+    ) -> Prepared | None:
+        """The job prepared ahead, if it is this one; one prepared for another is discarded
+        (it was canceled, or its lease lost, while it waited)."""
+        job = self._ahead_job
+        if job is None:
+            return None
+        if job.spec == spec and job.settings == settings:
+            self._ahead_job = None
+            return job
+        discarded = self.discard_ahead()
+        if discarded is not None and upcoming is not None:
+            upcoming.let_go(discarded)
+        return None
 
     def pause(self) -> None:
         """The worker has no job to run yet: remove what finished jobs left (runtime.tidier)."""
@@ -156,6 +300,7 @@ class JobRunner:
     def settle(self) -> None:
         """Wait until what every finished job left is removed, and remove the job dir made
         for the next one (a stopping worker, `orvanta run`, a test)."""
+        self.discard_ahead()
         self._tidier.settle()
         with self._ahead_lock:
             ahead, self._ahead = self._ahead, []
@@ -277,156 +422,127 @@ class JobRunner:
             self._groups_ahead = groups
         self._ids_for_next()
 
-    def _run(
-        self,
-        spec: JobSpec,
-        settings: Settings,
-        cancel: Cancellation | None,
-        decision: Decision,
-        backend: Backend,
-        annotated: bool,
-        ids: idmap.JobIds | None,
-        volume_fds: list[tuple[int, str]],
-        started: float,
-        spawned: Callable[[], None],
-    ) -> JobResult:
-        """From here on the job's ids, volumes, directory and cgroup are the tidier's to free
-        once it ended (`_tidy`), whatever happens on the way."""
-        job_log: list[str] = []
-        root = self.jobs_dir / spec.id
+    def _make_place(self, job: Prepared) -> None:
+        """The job's directory and cgroup, its script and volumes in place, its launcher's
+        command built; `job.refused` set where it may not run. From here on the job's ids,
+        volumes, directory and cgroup are the tidier's to free (`_let_go`), whatever
+        happens on the way."""
+        spec, settings, backend, decision = job.spec, job.settings, job.backend, job.decision
+        assert backend is not None and decision is not None
+        job_log = job.job_log
+        root = job.root = self.jobs_dir / spec.id
         with self._ahead_lock:
             again = spec.id in self._tearing_down
         present = again or root.exists()
         if present:
             self._tidier.settle()  # this worker's own last attempt may still be in teardown
             present = root.exists()
-        cgroup: JobCgroup | None = None
-        place: JobDir | None = None
-        ours = False  # the root and cgroup are this attempt's, not a live worker's
+        lang = language(spec.language)
+        owner = job.owner()
+        job_log.append(f"isolation: {decision.backend} ({decision.reason})")
+        if decision.backend == "nsjail" and job.annotated:
+            job_log.append("sandbox mode (nsjail)")
+        timeout = spec.timeout or settings.job_timeout
+        self._nsjail_next = backend.own_cgroups
+        with self._ahead_lock:
+            groups, self._groups_ahead = self._groups_ahead, AheadGroups()
         try:
-            lang = language(spec.language)
-            owner = ids.owner if ids is not None else (os.geteuid(), os.getegid())
-            job_log.append(f"isolation: {decision.backend} ({decision.reason})")
-            if decision.backend == "nsjail" and annotated:
-                job_log.append("sandbox mode (nsjail)")
-            timeout = spec.timeout or settings.job_timeout
-            self._nsjail_next = backend.own_cgroups
-            with self._ahead_lock:
-                groups, self._groups_ahead = self._groups_ahead, AheadGroups()
-            try:
-                cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups, ahead=groups)
-            finally:
-                with self._ahead_lock:  # what this job did not take waits for the next
-                    self._groups_ahead.remove()
-                    self._groups_ahead = groups
-            # A fresh tracking group holds no process of an earlier attempt, but that
-            # attempt's directory may survive it (a reboot or container restart resets
-            # cgroups only).
-            stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
-            present = present or root.exists()  # a lease-lost attempt's, made meanwhile
-            if present and held(root):
-                why = "another worker still runs this job (it lost the lease); try again later"
-                job_log.append(f"error: {why}")
-                return JobResult(spec.id, decision.backend, "error", None, 0.0, "", why, job_log)
-            ours = True
-            if stale or present:
-                # A retry after a worker died mid-job: nothing of that attempt may linger.
-                killed = cgroup.kill_all() if cgroup is not None else 0
-                remove_tree(root)
-                job_log.append(
-                    f"retry: removed the previous attempt's files and {killed} process(es)"
-                )
-            nsjail_parent = None
-            if backend.own_cgroups:
-                nsjail_parent = (
-                    job_group(spec.id)
-                    if cgroup and cgroup.nsjail_parents
-                    else nsjail_cgroup_parent()
-                )
-            try:
-                place = JobDir.create(
-                    self.jobs_dir,
-                    spec.id,
-                    owner,
-                    settings.limits.disk_mb,
-                    self._mount,
-                    self._take_ahead(),
-                )
-            except FileExistsError:
-                ours = False  # another worker's attempt made it meanwhile: not ours to remove
-                raise
-            if self._mount and not place.quota:
-                self._mount = False
-                log.warning(
-                    "job dirs: this worker may not mount a tmpfs here, so a job's disk use is "
-                    "not bounded by ORVANTA_JOB_DISK_MB (R-DISK-1)"
-                )
-            place.write_script(lang.filename, spec.script)
-            jail_binds: list[tuple[str, str]] = []
-            try:
-                while volume_fds:
-                    fd, name = volume_fds.pop(0)  # the job dir's to close from here on
-                    source = place.add_volume(fd, name, backend.own_mounts)
-                    if source is not None:
-                        jail_binds.append((source, name))
-                    job_log.append(f"volume: {name}")
-            except (VolumeError, OSError) as exc:
-                job_log.append(f"error: {exc}")
-                log.error("job %s refused: %s", spec.id, exc)
-                return JobResult(
-                    spec.id, decision.backend, "error", None, 0.0, "", str(exc), job_log
-                )
-            place.hand_over()
-            job = PreparedJob(
-                spec.id,
-                lang,
-                place.job_dir,
-                timeout,
-                nsjail_parent,
-                tuple(jail_binds),
-                ids.owner if ids is not None else None,
-            )
-            launch = backend.launch(job, _job_env(spec, backend.inner_dir(job)))
-            outcome = self._execute(launch, job, cgroup, cancel, spawned)  # all dead after it
-            if place.full():
-                job_log.append(
-                    f"disk quota: the job filled its {settings.limits.disk_mb} MiB job dir "
-                    "(ORVANTA_JOB_DISK_MB); writes past it failed with ENOSPC"
-                )
+            job.cgroup = JobCgroup.create(spec.id, nsjail=backend.own_cgroups, ahead=groups)
         finally:
-            if place is not None:
-                place.unmount()  # no later job's namespace may copy its mounts
-            with self._ahead_lock:
-                self._tearing_down.add(spec.id)
-            # the job decides how long removing a plain dir or stripping its volumes takes
-            heavy = (place is None and ours) or (
-                place is not None and (not place.quota or bool(place.volume_fds))
+            with self._ahead_lock:  # what this job did not take waits for the next
+                self._groups_ahead.remove()
+                self._groups_ahead = groups
+        cgroup = job.cgroup
+        # A fresh tracking group holds no process of an earlier attempt, but that
+        # attempt's directory may survive it (a reboot or container restart resets
+        # cgroups only).
+        stale = cgroup is not None and not cgroup.fresh and bool(cgroup.pids())
+        present = present or root.exists()  # a lease-lost attempt's, made meanwhile
+        if present and held(root):
+            why = "another worker still runs this job (it lost the lease); try again later"
+            job_log.append(f"error: {why}")
+            job.refused = JobResult(spec.id, decision.backend, "error", None, 0.0, "", why, job_log)
+            return
+        job.ours = True
+        if stale or present:
+            # A retry after a worker died mid-job: nothing of that attempt may linger.
+            killed = cgroup.kill_all() if cgroup is not None else 0
+            remove_tree(root)
+            job_log.append(f"retry: removed the previous attempt's files and {killed} process(es)")
+        nsjail_parent = None
+        if backend.own_cgroups:
+            nsjail_parent = (
+                job_group(spec.id) if cgroup and cgroup.nsjail_parents else nsjail_cgroup_parent()
             )
-            self._tidier.submit(
-                functools.partial(
-                    self._tidy,
-                    spec.id,
-                    place,
-                    root if ours else None,
-                    cgroup if ours else None,
-                    list(volume_fds),
-                    ids,
-                ),
-                heavy=heavy or bool(volume_fds),
+        try:
+            place = job.place = JobDir.create(
+                self.jobs_dir,
+                spec.id,
+                owner,
+                settings.limits.disk_mb,
+                self._mount,
+                self._take_ahead(),
             )
-        exit_code, stopped, stdout, stderr, notes, cpu = outcome
-        job_log.extend(notes)
-        if backend.rlimits and not stopped:
-            job_log.extend(_cpu_limit_note(exit_code, cpu, settings.limits.cpu_seconds))
-        if stopped:
-            status = "canceled" if cancel is not None and cancel.requested else "timeout"
-            why = "canceled" if status == "canceled" else f"timed out after {timeout:g}s"
-            job_log.append(f"{why}: every process of the job was killed")
-        else:
-            status = "success" if exit_code == 0 else "failure"
-        duration = time.monotonic() - started
-        return JobResult(
-            spec.id, decision.backend, status, exit_code, duration, stdout, stderr, job_log
+        except FileExistsError:
+            job.ours = False  # another worker's attempt made it meanwhile: not ours to remove
+            raise
+        if self._mount and not place.quota:
+            self._mount = False
+            log.warning(
+                "job dirs: this worker may not mount a tmpfs here, so a job's disk use is "
+                "not bounded by ORVANTA_JOB_DISK_MB (R-DISK-1)"
+            )
+        place.write_script(lang.filename, spec.script)
+        jail_binds: list[tuple[str, str]] = []
+        try:
+            while job.volume_fds:
+                fd, name = job.volume_fds.pop(0)  # the job dir's to close from here on
+                source = place.add_volume(fd, name, backend.own_mounts)
+                if source is not None:
+                    jail_binds.append((source, name))
+                job_log.append(f"volume: {name}")
+        except (VolumeError, OSError) as exc:
+            job_log.append(f"error: {exc}")
+            log.error("job %s refused: %s", spec.id, exc)
+            job.refused = JobResult(
+                spec.id, decision.backend, "error", None, 0.0, "", str(exc), job_log
+            )
+            return
+        place.hand_over()
+        job.job = PreparedJob(
+            spec.id,
+            lang,
+            place.job_dir,
+            timeout,
+            nsjail_parent,
+            tuple(jail_binds),
+            job.ids.owner if job.ids is not None else None,
+        )
+        job.launch = backend.launch(job.job, _job_env(spec, backend.inner_dir(job.job)))
+
+    def _let_go(self, job: Prepared) -> None:
+        """The job's mounts detached now (no later job's namespace may copy them), the rest
+        handed to the tidier (`_tidy`): once ended, or never started."""
+        place = job.place
+        if place is not None:
+            place.unmount()
+        with self._ahead_lock:
+            self._tearing_down.add(job.spec.id)
+        # the job decides how long removing a plain dir or stripping its volumes takes
+        heavy = (place is None and job.ours) or (
+            place is not None and (not place.quota or bool(place.volume_fds))
+        )
+        self._tidier.submit(
+            functools.partial(
+                self._tidy,
+                job.spec.id,
+                place,
+                job.root if job.ours else None,
+                job.cgroup if job.ours else None,
+                list(job.volume_fds),
+                job.ids,
+            ),
+            heavy=heavy or bool(job.volume_fds),
         )
 
     def _volumes(
@@ -467,12 +583,13 @@ class JobRunner:
 
     def _execute(
         self,
-        launch: Launch,
-        job: PreparedJob,
-        cgroup: JobCgroup | None,
+        prepared: Prepared,
         cancel: Cancellation | None,
         spawned: Callable[[], None],
+        upcoming: Upcoming | None,
     ) -> tuple[int, bool, str, str, list[str], float | None]:
+        launch, job, cgroup = prepared.launch, prepared.job, prepared.cgroup
+        assert launch is not None and job is not None
         # No preexec_fn: it would force a full fork of the worker for every job. The child is
         # born in the job's cgroup and at the job's OOM score because the worker takes both on
         # for the spawn; every process of the job inherits them, with no race.
@@ -505,9 +622,14 @@ class JobRunner:
             if stdin != subprocess.DEVNULL:
                 os.close(stdin)
 
-        def meanwhile() -> None:
-            spawned()
-            self._tidier.pause()
+        next_job = _NextJob(self, upcoming) if upcoming is not None else None
+
+        def meanwhile(first: bool) -> float | None:
+            """First, what finished jobs left goes; then the next job is made ready."""
+            if first:
+                spawned()
+                self._tidier.pause()
+            return next_job.step() if next_job is not None else None
 
         try:
             out, err, stopped = _collect(
@@ -522,6 +644,55 @@ class JobRunner:
         code = proc.returncode
         exit_code = 128 - code if code < 0 else code
         return exit_code, stopped, out.text(), err.text(), notes, cpu
+
+
+class _NextJob:
+    """While a job runs, the job after it is prepared (`JobRunner.prepare_ahead`) once the
+    queue thread has claimed it: asked after the last jobs' teardown, then again after
+    AHEAD_RETRY_SECONDS, twice that, and so on for half the hold. Discarded again if the
+    running job outlives AHEAD_HOLD_SECONDS, so that the queue thread may hand it back to
+    idle workers. An error here is never the running job's: the next job meets it again
+    on its turn."""
+
+    def __init__(self, runner: JobRunner, upcoming: Upcoming) -> None:
+        self.runner, self.upcoming = runner, upcoming
+        self.started = time.monotonic()
+        self.tries = 0
+        self.prepared: JobSpec | None = None
+
+    def step(self) -> float | None:
+        """Seconds until it wants to be asked again; None: no more."""
+        if self.prepared is not None:  # the running job outlived the hold
+            self._discard(self.prepared)
+            return None
+        named = self.upcoming.peek()
+        if named is None:
+            later = AHEAD_RETRY_SECONDS * float(1 << self.tries)
+            self.tries += 1
+            if time.monotonic() + later - self.started > AHEAD_HOLD_SECONDS / 2:
+                return None
+            return later
+        spec, settings = named
+        try:
+            ready = self.runner.prepare_ahead(spec, settings)
+        except Exception:
+            log.exception("job %s: cannot prepare it ahead; it is prepared on its turn", spec.id)
+            ready = False
+        if not ready:
+            self.upcoming.let_go(spec)
+            return None
+        self.prepared = spec
+        return max(self.started + AHEAD_HOLD_SECONDS - time.monotonic(), 0.0)
+
+    def _discard(self, spec: JobSpec) -> None:
+        ahead = self.runner._ahead_job
+        if ahead is not None and ahead.spec is spec:
+            try:
+                self.runner.discard_ahead()
+            except Exception:
+                log.exception("job %s: discarding its preparation failed", spec.id)
+                return  # still under its id, maybe: never handed back to the queue by us
+        self.upcoming.let_go(spec)
 
 
 def _cpu_limit_note(exit_code: int, cpu: float | None, limit: int) -> list[str]:
@@ -637,12 +808,13 @@ def _collect(
     timeout: float,
     limit: int,
     cancel: Cancellation | None,
-    meanwhile: Callable[[], None] = lambda: None,
+    meanwhile: Callable[[bool], float | None] = lambda first: None,
 ) -> tuple[_Capped, _Capped, bool]:
     """Read both pipes until the job's main process exits; True when stopped first
-    (deadline passed or canceled). `meanwhile` runs once the job is started, before the
-    first wait for it (the last jobs' teardown: runtime.tidier); the deadline counts from
-    the spawn all the same.
+    (deadline passed or canceled). `meanwhile(True)` runs once the job is started, before
+    the first wait for it (the last jobs' teardown, runtime.tidier; the next job made
+    ready); the deadline counts from the spawn all the same. It returns how long from now
+    to call it again (`meanwhile(False)`) while the job runs, or None.
 
     A pidfd tells us the moment the main process exits even while a leftover child
     still holds the pipes open; what is already buffered is read for a short grace
@@ -662,7 +834,8 @@ def _collect(
             if cancel is not None:
                 sel.register(cancel.fileno(), selectors.EVENT_READ)
             waited_on = len(sel.get_map()) - len(streams)
-            meanwhile()
+            again = meanwhile(True)
+            call_at = None if again is None else time.monotonic() + again
             exited_at: float | None = None
             while exited_at is None or len(sel.get_map()) > waited_on:
                 now = time.monotonic()
@@ -670,7 +843,13 @@ def _collect(
                     return out, err, True
                 if exited_at is not None and now - exited_at > EXIT_GRACE:
                     break
+                if call_at is not None and now >= call_at and exited_at is None:
+                    again = meanwhile(False)
+                    call_at = None if again is None else time.monotonic() + again
+                    continue
                 wait = deadline - now if exited_at is None else EXIT_GRACE
+                if call_at is not None and exited_at is None:
+                    wait = min(wait, call_at - now)
                 if pidfd is None and exited_at is None:
                     if _has_exited(proc):  # no pidfd (gVisor): asked, at most every 20 ms
                         exited_at = now

@@ -59,6 +59,7 @@ class Held:
     started: float | None = None
     renewed: float = 0.0
     polled: float = 0.0
+    prepared: bool = False  # the job loop made it ready ahead: not handed back meanwhile
 
     def __post_init__(self) -> None:
         self.renewed = self.polled = self.claimed
@@ -141,6 +142,24 @@ class QueueLink:
                 # canceled while it waited: recorded so, never started
                 self._outbox.append(Outgoing(canceled(held.spec.id), time.monotonic() + self.lease))
                 held.cancel.close()
+
+    def peek(self) -> tuple[JobSpec, Settings] | None:
+        """The job `take` returns next, if claimed already and not canceled; it is not handed
+        back to the queue (PREFETCH_HOLD_SECONDS) until `let_go`: the job loop prepares it
+        while the current job runs (runtime.executor.Upcoming)."""
+        with self._cond:
+            if not self._ready or self._ready[0].cancel.requested:
+                return None
+            held = self._ready[0]
+            held.prepared = True
+            return held.spec, held.settings
+
+    def let_go(self, spec: JobSpec) -> None:
+        """The job loop no longer holds `spec` prepared: it may be handed back again."""
+        with self._cond:
+            for held in self._ready:
+                if held.spec is spec:
+                    held.prepared = False
 
     def spawned(self) -> None:
         """The taken job is running (or will not): the link thread goes on with its work."""
@@ -275,6 +294,8 @@ class QueueLink:
         for job in held:
             now = time.monotonic()
             if job.started is None and now - job.claimed > PREFETCH_HOLD_SECONDS:
+                if job.prepared:  # its directory is under its id: the job loop lets go first
+                    continue
                 if self._drop_waiting(job):  # else taken meanwhile
                     self._release(job, f"it waited {PREFETCH_HOLD_SECONDS:g}s behind a long job")
                 continue

@@ -20,7 +20,7 @@ from typing import Protocol
 from runtime import idmap
 from runtime.backends import BACKEND_NAMES, backend_class
 from runtime.capabilities import HostCapabilities
-from runtime.executor import JobRunner
+from runtime.executor import JobRunner, Upcoming
 from runtime.jobs import JobResult, JobSpec
 from runtime.pipeline import Held, QueueLink
 from runtime.selection import IsolationUnavailableError, select_isolation
@@ -163,15 +163,19 @@ class Worker:
             self._heartbeat,
             max_jobs,
         )
+        upcoming = Upcoming(link.peek, link.let_go)
         try:
             while not self.stopping.is_set():
                 held = link.take(self.stopping, self.runner.pause)
                 if held is None:
                     break
-                result = self._run(held, link.spawned)
+                result = self._run(held, link.spawned, upcoming)
                 link.post(held, result, last=self.stopping.is_set())  # and logged there
                 done += 1
         finally:
+            discarded = self.runner.discard_ahead()  # before the link hands the job back
+            if discarded is not None:
+                link.let_go(discarded)
             link.close()
             self.runner.settle()  # a stopped worker leaves no job dir, cgroup or id behind
         if link.fatal is not None:
@@ -185,10 +189,10 @@ class Worker:
         except Exception as exc:
             log.warning("worker %s: heartbeat failed: %s", self.name, exc)
 
-    def _run(self, held: Held, spawned: Callable[[], None]) -> JobResult:
+    def _run(self, held: Held, spawned: Callable[[], None], upcoming: Upcoming) -> JobResult:
         """Run one job; its lease and cancel are the link's. A job error never stops the worker."""
         try:
-            return self.runner.run(held.spec, held.settings, held.cancel, spawned)
+            return self.runner.run(held.spec, held.settings, held.cancel, spawned, upcoming)
         except Exception as exc:
             log.exception("job %s: the worker could not run it", held.spec.id)
             return JobResult(
