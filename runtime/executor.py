@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import re
-import selectors
+import select
 import signal
 import subprocess
 import threading
@@ -826,48 +826,49 @@ def _collect(
     deadline = time.monotonic() + timeout
     pidfd = _pidfd(proc.pid)
     try:
-        with selectors.DefaultSelector() as sel:
-            for fd in streams:
-                sel.register(fd, selectors.EVENT_READ)
-            if pidfd is not None:
-                sel.register(pidfd, selectors.EVENT_READ)
-            if cancel is not None:
-                sel.register(cancel.fileno(), selectors.EVENT_READ)
-            waited_on = len(sel.get_map()) - len(streams)
-            again = meanwhile(True)
-            call_at = None if again is None else time.monotonic() + again
-            exited_at: float | None = None
-            while exited_at is None or len(sel.get_map()) > waited_on:
-                now = time.monotonic()
-                if now >= deadline:
-                    return out, err, True
-                if exited_at is not None and now - exited_at > EXIT_GRACE:
-                    break
-                if call_at is not None and now >= call_at and exited_at is None:
-                    again = meanwhile(False)
-                    call_at = None if again is None else time.monotonic() + again
+        poller = select.poll()  # no syscall to set up, one per wait: fewer GIL handoffs
+        watched = [*streams, *([pidfd] if pidfd is not None else [])]
+        if cancel is not None:
+            watched.append(cancel.fileno())
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        waited_on = len(watched) - len(streams)
+        again = meanwhile(True)
+        call_at = None if again is None else time.monotonic() + again
+        exited_at: float | None = None
+        while exited_at is None or len(watched) > waited_on:
+            now = time.monotonic()
+            if now >= deadline:
+                return out, err, True
+            if exited_at is not None and now - exited_at > EXIT_GRACE:
+                break
+            if call_at is not None and now >= call_at and exited_at is None:
+                again = meanwhile(False)
+                call_at = None if again is None else time.monotonic() + again
+                continue
+            wait = deadline - now if exited_at is None else EXIT_GRACE
+            if call_at is not None and exited_at is None:
+                wait = min(wait, call_at - now)
+            if pidfd is None and exited_at is None:
+                if _has_exited(proc):  # no pidfd (gVisor): asked, at most every 20 ms
+                    exited_at = now
                     continue
-                wait = deadline - now if exited_at is None else EXIT_GRACE
-                if call_at is not None and exited_at is None:
-                    wait = min(wait, call_at - now)
-                if pidfd is None and exited_at is None:
-                    if _has_exited(proc):  # no pidfd (gVisor): asked, at most every 20 ms
-                        exited_at = now
-                        continue
-                    wait = min(wait, EXIT_POLL)
-                for key, _ in sel.select(wait):
-                    if cancel is not None and key.fd == cancel.fileno():
-                        return out, err, True
-                    if key.fd == pidfd:
-                        exited_at = time.monotonic()
-                        sel.unregister(pidfd)
-                        waited_on -= 1
-                        continue
-                    data = os.read(key.fd, 65536)
-                    if data:
-                        streams[key.fd].add(data)
-                    else:
-                        sel.unregister(key.fd)
+                wait = min(wait, EXIT_POLL)
+            for fd, _ in poller.poll(max(wait, 0.0) * 1000):  # ms, rounded up
+                if cancel is not None and fd == cancel.fileno():
+                    return out, err, True
+                if fd == pidfd:
+                    exited_at = time.monotonic()
+                    poller.unregister(fd)
+                    watched.remove(fd)
+                    waited_on -= 1
+                    continue
+                data = os.read(fd, 65536)
+                if data:
+                    streams[fd].add(data)
+                else:  # end of file (POLLHUP too)
+                    poller.unregister(fd)
+                    watched.remove(fd)
     finally:
         if pidfd is not None:
             os.close(pidfd)

@@ -250,7 +250,9 @@ class JobDir:
             os.mkdir(self.job_dir, 0o700)
         except OSError:
             return False
-        self.made = self._state()
+        self.made = self._state_with_new_job(self.made)
+        if self.made is None:
+            return False
         target = jobs_root / (AHEAD + secrets.token_hex(8))
         try:
             mounts.rename_noreplace(str(self.root), str(target))
@@ -275,19 +277,7 @@ class JobDir:
             opened.append(os.open(self.root, flags))
             for name in ("job", "control"):
                 opened.append(os.open(name, flags, dir_fd=opened[0]))
-            for fd in opened:
-                info = os.fstat(fd)
-                state.append(
-                    (
-                        info.st_dev,
-                        info.st_ino,
-                        info.st_uid,
-                        info.st_gid,
-                        info.st_mode,
-                        sorted(os.listxattr(fd)),
-                        sorted(os.listdir(fd)),
-                    )
-                )
+            state.extend(_dir_state(fd) for fd in opened)
             lock = os.stat(LOCK, dir_fd=opened[2], follow_symlinks=False)
             state.append(
                 (
@@ -306,6 +296,23 @@ class JobDir:
             for fd in opened:
                 os.close(fd)
         return tuple(state)
+
+    def _state_with_new_job(self, before: tuple[object, ...]) -> tuple[object, ...] | None:
+        """`_state` once job/ alone was made anew (`recycle`): only job/ is read again. The
+        other two directories and the lock are as `before` showed them a moment ago, and
+        the worker alone acted since (the job and its processes are dead); their times and
+        link counts, which the new job/ changes, are not part of the state."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.job_dir, flags)
+        except OSError:
+            return None
+        try:
+            return (before[0], _dir_state(fd), *before[2:])
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _remove_own(self) -> bool:
         """The tree as the worker left it, unmounted, removed by name: the plain files of
@@ -409,3 +416,17 @@ def _unescape(field_text: str) -> str:
     for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
         field_text = field_text.replace(code, char)
     return field_text
+
+
+def _dir_state(fd: int) -> tuple[object, ...]:
+    """One directory of `JobDir._state`: device, inode, owner, mode, xattr names, entries."""
+    info = os.fstat(fd)
+    return (
+        info.st_dev,
+        info.st_ino,
+        info.st_uid,
+        info.st_gid,
+        info.st_mode,
+        sorted(os.listxattr(fd)),
+        sorted(os.listdir(fd)),
+    )

@@ -404,10 +404,13 @@ def test_a_job_dir_goes_to_the_next_job_only_as_the_worker_made_it(
     is root and can do any of it: then the next job gets a new directory, with none of it."""
     r = runner(tmp_path, "none")
     decided: list[bool] = []
+    recorded: list[bool] = []  # asserted here: the tidier logs what a teardown raises
     recycle = JobDir.recycle
 
     def spied(place: JobDir, jobs_root: Path) -> bool:
         decided.append(recycle(place, jobs_root))
+        if decided[-1]:  # what it records for the next check is what a full read shows
+            recorded.append(place.made is not None and place.made == place._state())
         return decided[-1]
 
     monkeypatch.setattr(JobDir, "recycle", spied)
@@ -429,6 +432,7 @@ def test_a_job_dir_goes_to_the_next_job_only_as_the_worker_made_it(
     assert (lock.st_nlink, lock.st_size) == (1, 0)
     assert str(empty) not in Path("/proc/self/mountinfo").read_text()
     assert decided == [change == "nothing"], f"{change}: handed on: {decided}"
+    assert recorded == [True] * decided.count(True), "the state recorded is not the place's"
     nxt = r.run(JobSpec(ids[1], "bash", "ls -A; stat -c %a ..\n", {}, 30))
     assert (nxt.status, nxt.stdout) == ("success", "main.sh\n711\n"), nxt
     link.unlink(missing_ok=True)
