@@ -302,17 +302,14 @@ class JobDir:
         other two directories and the lock are as `before` showed them a moment ago, and
         the worker alone acted since (the job and its processes are dead); their times and
         link counts, which the new job/ changes, are not part of the state."""
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(self.job_dir, flags)
+            fd = os.open(self.job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                return (before[0], _dir_state(fd), *before[2:])
+            finally:
+                os.close(fd)
         except OSError:
             return None
-        try:
-            return (before[0], _dir_state(fd), *before[2:])
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
 
     def _remove_own(self) -> bool:
         """The tree as the worker left it, unmounted, removed by name: the plain files of
