@@ -6,8 +6,9 @@ queue for cancels and beats the worker's heartbeat. The job loop only takes a
 claimed job and hands back its result, so neither a claim nor a result sits
 between one job's end and the next one's spawn.
 
-Nor does this thread's own work: from a take to that job's spawn it waits (at most
-SPAWN_WAIT_SECONDS) before recording or claiming, and does both while the job runs.
+Nor does this thread's own work: from one job's result (or a take) to the next job's
+spawn it waits (at most SPAWN_WAIT_SECONDS) before recording or claiming, and does both
+while the job runs.
 The two threads share one GIL, and every syscall of the job loop's preparation
 (a mkdir, a rename, a write) would hand it to this thread's SQLite or JSON work for
 as long as that work ran: measured, the preparation took 0.5 ms with this thread
@@ -122,12 +123,14 @@ class QueueLink:
         with self._cond:
             waiting = not self._ready
         if waiting:
+            self._may_work.set()  # nothing to spawn: the link claims
             idle()
         with self._cond:
             while True:
                 while not self._ready and not self._over():
                     if stopping.is_set():
                         return None
+                    self._may_work.set()
                     self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
                 if not self._ready or stopping.is_set():
                     return None
@@ -166,16 +169,18 @@ class QueueLink:
         self._may_work.set()
 
     def post(self, held: Held, result: JobResult, last: bool = False) -> None:
-        """The job's result, recorded by the link thread; the job loop goes on at once.
-        `last`: the worker is stopping, so nothing more is claimed."""
+        """The job's result, recorded by the link thread while the next job runs (from its
+        spawn, as after a take); the job loop goes on at once. `last`: the worker is
+        stopping, so nothing more is claimed (`close` sends it)."""
         with self._cond:
             self._claiming = self._claiming and not last
             self._running.pop(held.spec.id, None)
             held.cancel.close()
             self._outbox.append(Outgoing(result, time.monotonic() + self.lease))
             self._next_claim, self._idle = 0.0, IDLE_POLL_SECONDS
+            self._hold_until = time.monotonic() + SPAWN_WAIT_SECONDS
+            self._may_work.clear()  # the next job's take and spawn come first
             self._wake()
-        self._may_work.set()
 
     def close(self) -> None:
         """Stop claiming, send every result (within its lease), hand prefetched jobs back."""

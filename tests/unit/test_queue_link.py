@@ -76,22 +76,31 @@ def test_the_queue_thread_waits_for_the_spawn_of_the_job_taken(
         wait_for(lambda: "claim" in source.after(spawned))
         link.post(first, _result(first.spec.id))
         posted = time.monotonic()
-        wait_for(lambda: "complete" in source.after(posted))
+        time.sleep(wait / 10)  # the job loop's way from a result to the next take
+        second = link.take(stopping)  # claimed ahead: ready at once
+        assert second is not None
+        time.sleep(wait / 5)
+        assert source.after(posted) == [], "recorded a result before the next job's spawn"
+        spawned = time.monotonic()
+        link.spawned()
+        wait_for(lambda: "complete" in source.after(spawned))
 
         # without a spawn (a job refused before it): the thread waits no longer than the bound
-        second = link.take(stopping)
-        assert second is not None
+        wait_for(lambda: "claim" in source.after(spawned))  # the third, claimed ahead
+        link.post(second, _result(second.spec.id))
+        third = link.take(stopping)
+        assert third is not None
         taken = time.monotonic()
-        wait_for(lambda: "claim" in source.after(taken))
-        waited = next(at for name, at in source.calls if name == "claim" and at >= taken) - taken
-        # once from the take, not once per call that waits (the loop waits twice: 2 s)
+        wait_for(lambda: "complete" in source.after(taken))
+        waited = next(at for name, at in source.calls if name == "complete" and at >= taken) - taken
+        # once from the post, not once per call that waits (the loop waits twice: 2 s)
         assert wait * 0.8 <= waited < 1.5 * wait, waited
         link.spawned()
-        link.post(second, _result(second.spec.id))
+        link.post(third, _result(third.spec.id))
     finally:
         link.close()
     try:
-        assert dict(queue.counts()) == {"done": 2, "queued": 1}  # the third handed back
+        assert dict(queue.counts()) == {"done": 3}
     finally:
         queue.close()
 
