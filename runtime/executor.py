@@ -159,10 +159,13 @@ class JobRunner:
         job = self._take_prepared(spec, settings, upcoming) or self.prepare(spec, settings)
         return self.start(job, cancel, spawned, upcoming)
 
-    def prepare(self, spec: JobSpec, settings: Settings | None = None) -> Prepared:
+    def prepare(
+        self, spec: JobSpec, settings: Settings | None = None, ahead: bool = False
+    ) -> Prepared:
         """Everything before the spawn: the isolation chosen, ids taken, volumes claimed, the
         job's directory and cgroup made, the launcher's command built. A refused job comes
-        back with its result (`refused`) and nothing of it left to free."""
+        back with its result (`refused`) and nothing of it left to free; it is logged on
+        its turn, not `ahead` (`prepare_ahead` drops a refusal: it is made again then)."""
         settings = settings or self.settings
         begun = time.monotonic()
         job = Prepared(spec, settings)
@@ -188,7 +191,7 @@ class JobRunner:
                 os.close(fd)
             if job.ids is not None:
                 job.ids.release()
-            log.error("job %s refused: %s", spec.id, exc)
+            log.log(logging.DEBUG if ahead else logging.ERROR, "job %s refused: %s", spec.id, exc)
             job.refused = JobResult(
                 spec.id, "unavailable", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
             )
@@ -255,7 +258,7 @@ class JobRunner:
                 return False
         except ValueError:
             return False  # refused on its turn, with the header's own error
-        job = self.prepare(spec, settings)
+        job = self.prepare(spec, settings, ahead=True)
         if job.refused is not None:
             return False  # refused again on its turn: a refusal may not hold by then
         self._ahead_job = job

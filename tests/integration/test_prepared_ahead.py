@@ -81,9 +81,11 @@ def test_the_next_job_is_made_ready_while_one_runs_and_runs_as_made(
     prepared: list[JobSpec] = []
     real_prepare = runner.prepare
 
-    def counted(spec: JobSpec, settings: Settings | None = None) -> executor.Prepared:
+    def counted(
+        spec: JobSpec, settings: Settings | None = None, ahead: bool = False
+    ) -> executor.Prepared:
         prepared.append(spec)
-        return real_prepare(spec, settings)
+        return real_prepare(spec, settings, ahead)
 
     monkeypatch.setattr(runner, "prepare", counted)
     done = runner.run(second)
