@@ -67,7 +67,7 @@ def test_the_next_job_is_made_ready_while_one_runs_and_runs_as_made(
     runner: JobRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(executor, "AHEAD_HOLD_SECONDS", 30.0)  # kept however slow the machine
-    second = JobSpec(own_id("second"), "bash", "sleep 0.6\necho second\n", {}, 1.0)
+    second = JobSpec(own_id("second"), "bash", "sleep 0.3\necho second\n", {}, 1.0)
     following = Next(second, runner.settings)
     first = runner.run(
         JobSpec(own_id("first"), "bash", "sleep 1.2\necho first\n", {}, 30),
@@ -173,7 +173,7 @@ def test_a_job_made_ready_goes_back_to_the_queue_only_once_its_place_is_gone(
     settings = Settings.from_env({"ORVANTA_STATE_DIR": str(tmp_path / "state")})
     queue = JobQueue.in_state_dir(settings.state_dir)
     try:
-        first = queue.submit("bash", "sleep 1.5\necho first\n")
+        first = queue.submit("bash", "sleep 3\necho first\n")  # the stop comes while it runs
         second = queue.submit("bash", "echo second\n")
         with JobRunner(settings, probe_host(settings)) as runner:
             source = Releases(queue, runner.jobs_dir)
