@@ -87,8 +87,8 @@ class Upcoming:
 
 @dataclass(eq=False)
 class Prepared:
-    """A job made ready to spawn (`JobRunner.prepare`). Everything its teardown frees
-    (`JobRunner._tidy`) is here, so it is run (`start`) or let go unstarted."""
+    """A job made ready to spawn (`JobRunner._prepare`). Everything its teardown frees
+    (`JobRunner._tidy`) is here, so it is run (`_start`) or let go unstarted (`_let_go`)."""
 
     spec: JobSpec
     settings: Settings
@@ -156,10 +156,10 @@ class JobRunner:
         `spawned` is called once the job runs (the worker's queue thread waits for it);
         `upcoming` names the job after it, which is prepared while this one runs."""
         settings = settings or self.settings
-        job = self._take_prepared(spec, settings, upcoming) or self.prepare(spec, settings)
-        return self.start(job, cancel, spawned, upcoming)
+        job = self._take_prepared(spec, settings, upcoming) or self._prepare(spec, settings)
+        return self._start(job, cancel, spawned, upcoming)
 
-    def prepare(
+    def _prepare(
         self, spec: JobSpec, settings: Settings | None = None, ahead: bool = False
     ) -> Prepared:
         """Everything before the spawn: the isolation chosen, ids taken, volumes claimed, the
@@ -206,7 +206,7 @@ class JobRunner:
         job.seconds = time.monotonic() - begun
         return job
 
-    def start(
+    def _start(
         self,
         job: Prepared,
         cancel: Cancellation | None = None,
@@ -258,7 +258,7 @@ class JobRunner:
                 return False
         except ValueError:
             return False  # refused on its turn, with the header's own error
-        job = self.prepare(spec, settings, ahead=True)
+        job = self._prepare(spec, settings, ahead=True)
         if job.refused is not None:
             return False  # refused again on its turn: a refusal may not hold by then
         self._ahead_job = job

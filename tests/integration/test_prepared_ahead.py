@@ -79,7 +79,7 @@ def test_the_next_job_is_made_ready_while_one_runs_and_runs_as_made(
     assert script.read_text() == second.script, "the next job's place is not ready"
 
     prepared: list[JobSpec] = []
-    real_prepare = runner.prepare
+    real_prepare = runner._prepare
 
     def counted(
         spec: JobSpec, settings: Settings | None = None, ahead: bool = False
@@ -87,7 +87,7 @@ def test_the_next_job_is_made_ready_while_one_runs_and_runs_as_made(
         prepared.append(spec)
         return real_prepare(spec, settings, ahead)
 
-    monkeypatch.setattr(runner, "prepare", counted)
+    monkeypatch.setattr(runner, "_prepare", counted)
     done = runner.run(second)
     # its 1 s deadline counts from its spawn: made ready 1.2 s before, it still had its second
     assert done.status == "success" and done.stdout == "second\n", done
