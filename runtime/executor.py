@@ -49,6 +49,7 @@ IDS_AHEAD_MIN_COUNT = 1024  # a smaller ORVANTA_JOB_ID_COUNT: no ids taken ahead
 # thread hands an unstarted job back to idle workers (runtime.pipeline.PREFETCH_HOLD_SECONDS)
 AHEAD_HOLD_SECONDS = 0.25
 AHEAD_RETRY_SECONDS = 0.0005  # the next job not claimed yet: asked again, twice as late each time
+AHEAD_RETRY_MAX_SECONDS = 0.01  # up to this
 EXIT_GRACE = 0.2  # seconds to drain pipes after the main process exited
 EXIT_POLL = 0.02  # seconds between exit checks where the kernel offers no pidfd
 ENV_NAME = re.compile(ENV_NAME_PATTERN)
@@ -178,9 +179,14 @@ class JobRunner:
             if self._ids_next:
                 job.ids = self._take_ids_ahead(settings)
             if self._ids_next and job.ids is None:
+                if ahead and settings.job_id_count < IDS_AHEAD_MIN_COUNT:
+                    # a range sized to the jobs running at once has no pair for a waiting one
+                    raise RuntimeError("no job ids are taken for a job not yet running")
                 try:
                     job.ids = idmap.take_ids(settings)
                 except idmap.JobIdsExhaustedError:
+                    if ahead:
+                        raise  # never waits for other jobs' teardowns beside a running job
                     self._tidier.settle()  # finished jobs may still hold theirs
                     job.ids = self._take_ids_ahead(settings) or idmap.take_ids(settings)
             job.volume_fds = self._volumes(
@@ -199,10 +205,10 @@ class JobRunner:
         try:
             self._make_place(job)
         except BaseException:
-            self._let_go(job)
+            self._let_go(job, now=ahead)
             raise
         if job.refused is not None:
-            self._let_go(job)
+            self._let_go(job, now=ahead)
         job.seconds = time.monotonic() - begun
         return job
 
@@ -271,8 +277,7 @@ class JobRunner:
         job, self._ahead_job = self._ahead_job, None
         if job is None:
             return None
-        self._let_go(job)
-        self._tidier.settle()  # no longer under the job's id before it is handed back
+        self._let_go(job, now=True)  # no longer under the job's id before it is handed back
         return job.spec
 
     def _take_prepared(
@@ -523,30 +528,37 @@ class JobRunner:
         )
         job.launch = backend.launch(job.job, _job_env(spec, backend.inner_dir(job.job)))
 
-    def _let_go(self, job: Prepared) -> None:
+    def _let_go(self, job: Prepared, now: bool = False) -> None:
         """The job's mounts detached now (no later job's namespace may copy them), the rest
-        handed to the tidier (`_tidy`): once ended, or never started."""
+        handed to the tidier (`_tidy`) once it ended. `now`: a job that never ran (prepared
+        ahead, then discarded) is torn down here, this one alone (its place holds only the
+        script), so it is gone from under its id before the job goes back to the queue,
+        without waiting for other jobs' teardowns."""
         place = job.place
         if place is not None:
             place.unmount()
         with self._ahead_lock:
             self._tearing_down.add(job.spec.id)
+        teardown = functools.partial(
+            self._tidy,
+            job.spec.id,
+            place,
+            job.root if job.ours else None,
+            job.cgroup if job.ours else None,
+            list(job.volume_fds),
+            job.ids,
+        )
+        if now:
+            try:
+                teardown()
+            except Exception:  # as the tidier does: logged, and the worker goes on
+                log.exception("job %s: removing what it was prepared with failed", job.spec.id)
+            return
         # the job decides how long removing a plain dir or stripping its volumes takes
         heavy = (place is None and job.ours) or (
             place is not None and (not place.quota or bool(place.volume_fds))
         )
-        self._tidier.submit(
-            functools.partial(
-                self._tidy,
-                job.spec.id,
-                place,
-                job.root if job.ours else None,
-                job.cgroup if job.ours else None,
-                list(job.volume_fds),
-                job.ids,
-            ),
-            heavy=heavy or bool(job.volume_fds),
-        )
+        self._tidier.submit(teardown, heavy=heavy or bool(job.volume_fds))
 
     def _volumes(
         self,
@@ -652,7 +664,8 @@ class JobRunner:
 class _NextJob:
     """While a job runs, the job after it is prepared (`JobRunner.prepare_ahead`) once the
     queue thread has claimed it: asked after the last jobs' teardown, then again after
-    AHEAD_RETRY_SECONDS, twice that, and so on for half the hold. Discarded again if the
+    AHEAD_RETRY_SECONDS, twice that, and so on (at most AHEAD_RETRY_MAX_SECONDS apart) for
+    half the hold. Discarded again if the
     running job outlives AHEAD_HOLD_SECONDS, so that the queue thread may hand it back to
     idle workers. An error here is never the running job's: the next job meets it again
     on its turn."""
@@ -670,7 +683,7 @@ class _NextJob:
             return None
         named = self.upcoming.peek()
         if named is None:
-            later = AHEAD_RETRY_SECONDS * float(1 << self.tries)
+            later = min(AHEAD_RETRY_SECONDS * float(1 << self.tries), AHEAD_RETRY_MAX_SECONDS)
             self.tries += 1
             if time.monotonic() + later - self.started > AHEAD_HOLD_SECONDS / 2:
                 return None

@@ -45,6 +45,7 @@ IDLE_POLL_MAX_SECONDS = 0.2  # an idle worker (or agent, over HTTP) asks at most
 CANCEL_POLL_SECONDS = 0.25
 HEARTBEAT_SECONDS = 2.0
 PREFETCH_HOLD_SECONDS = 0.5  # longest a prefetched job waits behind this worker's current one
+PEEK_MAX_AGE_SECONDS = PREFETCH_HOLD_SECONDS / 2  # an older one is not prepared ahead
 RESULT_RETRY_SECONDS = 0.5
 SPAWN_WAIT_SECONDS = 0.05  # longest the link defers its work to a job being prepared
 
@@ -119,32 +120,35 @@ class QueueLink:
         self, stopping: threading.Event, idle: Callable[[], None] = lambda: None
     ) -> Held | None:
         """The next claimed job; None once stopping, out of budget, or the source failed.
-        `idle` runs first when none is claimed yet (the worker tidies meanwhile)."""
-        with self._cond:
-            waiting = not self._ready
-        if waiting:
-            self._may_work.set()  # nothing to spawn: the link claims
-            idle()
-        with self._cond:
-            while True:
-                while not self._ready and not self._over():
-                    if stopping.is_set():
-                        return None
-                    self._may_work.set()
-                    self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
-                if not self._ready or stopping.is_set():
+        `idle` runs (outside the lock) before the first wait for a claim: the worker tidies
+        meanwhile, and lets go of a job it prepared that is no longer to come."""
+        idled = False
+        while True:
+            with self._cond:
+                if stopping.is_set():
                     return None
-                held = self._ready.popleft()
-                self._wake()  # claim the one after it now
-                if not held.cancel.requested:
-                    held.started = time.monotonic()
-                    self._running[held.spec.id] = held
-                    self._hold_until = held.started + SPAWN_WAIT_SECONDS
-                    self._may_work.clear()  # until `spawned`: see the module's docstring
-                    return held
-                # canceled while it waited: recorded so, never started
-                self._outbox.append(Outgoing(canceled(held.spec.id), time.monotonic() + self.lease))
-                held.cancel.close()
+                while self._ready:
+                    held = self._ready.popleft()
+                    self._wake()  # claim the one after it now
+                    if not held.cancel.requested:
+                        held.started = time.monotonic()
+                        self._running[held.spec.id] = held
+                        self._hold_until = held.started + SPAWN_WAIT_SECONDS
+                        self._may_work.clear()  # until `spawned`: see the module's docstring
+                        return held
+                    # canceled while it waited: recorded so, never started
+                    self._outbox.append(
+                        Outgoing(canceled(held.spec.id), time.monotonic() + self.lease)
+                    )
+                    held.cancel.close()
+                if self._over():
+                    return None
+                self._may_work.set()  # nothing to spawn: the link claims
+                if idled:
+                    self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
+                    continue
+            idle()
+            idled = True
 
     def peek(self) -> tuple[JobSpec, Settings] | None:
         """The job `take` returns next, if claimed already and not canceled; it is not handed
@@ -154,6 +158,8 @@ class QueueLink:
             if not self._ready or self._ready[0].cancel.requested:
                 return None
             held = self._ready[0]
+            if time.monotonic() - held.claimed > PEEK_MAX_AGE_SECONDS:
+                return None  # about to be handed back: not worth making it ready
             held.prepared = True
             return held.spec, held.settings
 
@@ -298,11 +304,11 @@ class QueueLink:
             held = [*self._ready, *self._running.values()]
         for job in held:
             now = time.monotonic()
-            if job.started is None and now - job.claimed > PREFETCH_HOLD_SECONDS:
-                if job.prepared:  # its directory is under its id: the job loop lets go first
-                    continue
-                if self._drop_waiting(job):  # else taken meanwhile
-                    self._release(job, f"it waited {PREFETCH_HOLD_SECONDS:g}s behind a long job")
+            # not while prepared (its directory is under its id): the job loop lets go first;
+            # it is renewed and polled for a cancel meanwhile, like a running one
+            waited = job.started is None and now - job.claimed > PREFETCH_HOLD_SECONDS
+            if waited and self._drop_waiting(job, unless_prepared=True):
+                self._release(job, f"it waited {PREFETCH_HOLD_SECONDS:g}s behind a long job")
                 continue
             if now - job.renewed > self.lease / 3:
                 self._renew(job, now)
@@ -329,10 +335,12 @@ class QueueLink:
                 log.error("job %s: lease expired unrenewed; stopping it", job.spec.id)
                 self._cancel(job)
 
-    def _drop_waiting(self, job: Held) -> bool:
-        """Forget a job not yet started (True), or leave a running one alone (False)."""
+    def _drop_waiting(self, job: Held, unless_prepared: bool = False) -> bool:
+        """Forget a job not yet started (True), or leave a running one alone (False); with
+        `unless_prepared`, a job the job loop holds prepared too (checked under the lock
+        `peek` takes, so the two cannot cross)."""
         with self._cond:
-            if job not in self._ready:
+            if job not in self._ready or (unless_prepared and job.prepared):
                 return False
             self._ready.remove(job)
             if self._budget is not None:

@@ -164,20 +164,33 @@ class Worker:
             max_jobs,
         )
         upcoming = Upcoming(link.peek, link.let_go)
+
+        def idle() -> None:
+            """No job to run yet: one prepared ahead is not coming (canceled, or its lease
+            lost, while it waited), and what finished jobs left goes."""
+            discarded = self.runner.discard_ahead()
+            if discarded is not None:
+                link.let_go(discarded)
+            self.runner.pause()
+
         try:
             while not self.stopping.is_set():
-                held = link.take(self.stopping, self.runner.pause)
+                held = link.take(self.stopping, idle)
                 if held is None:
                     break
                 result = self._run(held, link.spawned, upcoming)
                 link.post(held, result, last=self.stopping.is_set())  # and logged there
                 done += 1
         finally:
-            discarded = self.runner.discard_ahead()  # before the link hands the job back
-            if discarded is not None:
-                link.let_go(discarded)
-            link.close()
-            self.runner.settle()  # a stopped worker leaves no job dir, cgroup or id behind
+            try:
+                discarded = self.runner.discard_ahead()  # before the link hands the job back
+                if discarded is not None:
+                    link.let_go(discarded)
+            finally:
+                try:
+                    link.close()
+                finally:
+                    self.runner.settle()  # a stopped worker leaves no dir, cgroup or id behind
         if link.fatal is not None:
             self.failed = True
         return done

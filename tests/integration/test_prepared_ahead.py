@@ -5,6 +5,7 @@ its id before it may go to another worker."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -113,13 +114,20 @@ def test_a_job_made_ready_ahead_is_gone_before_it_is_let_go_behind_a_long_job(
         seen["cgroup"] = job_cgroup(spec.id).exists()
 
     following.on_let_go = at_let_go
+    real_discard = runner.discard_ahead
+
+    def discard() -> JobSpec | None:
+        seen["made"] = (runner.jobs_dir / second.id / "job" / "main.sh").exists()
+        return real_discard()
+
+    monkeypatch.setattr(runner, "discard_ahead", discard)
     first = runner.run(
         JobSpec(own_id("first"), "bash", "sleep 1\necho first\n", {}, 30),
         upcoming=following.upcoming(),
     )
     assert first.status == "success", first
     assert following.let_go == [second], "made ready, but never let go"
-    assert seen == {"dir": False, "cgroup": False}, "let go while still under its id"
+    assert seen == {"made": True, "dir": False, "cgroup": False}, "let go while under its id"
     assert runner._ahead_job is None
     again = runner.run(second)  # later, on its turn: made anew
     assert again.status == "success" and again.stdout == "second\n", again
@@ -199,5 +207,96 @@ def test_a_job_made_ready_goes_back_to_the_queue_only_once_its_place_is_gone(
         assert done is not None and done.result is not None and done.result.stdout == "first\n"
         back = queue.get(second)
         assert back is not None and (back.status, back.attempts, back.worker) == ("queued", 0, None)
+    finally:
+        queue.close()
+
+
+@pytest.mark.req("R-JOB-4")
+def test_discarding_a_job_made_ready_never_waits_for_other_jobs_teardowns(
+    runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The discard runs beside the running job, inside its wait: it removes the one place
+    it made, never waits for another job's long teardown (a plain dir, volumes to strip)."""
+    monkeypatch.setattr(executor, "AHEAD_HOLD_SECONDS", 0.2)
+    runner._tidier.submit(lambda: time.sleep(4), heavy=True)  # an earlier job's, still going
+    second = JobSpec(own_id("second"), "bash", "echo second\n", {}, 30)
+    following = Next(second, runner.settings)
+    first = runner.run(
+        JobSpec(own_id("first"), "bash", "sleep 1\n", {}, 30), upcoming=following.upcoming()
+    )
+    assert first.status == "success", first
+    assert following.let_go == [second]
+    assert first.duration < 3, f"the running job waited for another teardown: {first.duration}"
+
+
+@pytest.mark.req("R-HOST-1")
+def test_no_job_ids_are_held_for_a_waiting_job_in_a_range_sized_to_running_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below 1,024 ids a range is sized to the jobs running at once: a job made ready
+    ahead would hold a second pair, which another worker's running job may need."""
+    from runtime import idmap
+
+    missing = tool_missing("unshare")
+    if missing:
+        pytest.skip(f"unshare: {missing}")
+    monkeypatch.setattr(executor, "AHEAD_HOLD_SECONDS", 30.0)
+    env = {
+        **BACKEND_ENV["unshare"],
+        "ORVANTA_STATE_DIR": str(tmp_path / "state"),
+        "ORVANTA_JOB_UID": str(1_960_000_000 + os.getpid() % 1000),  # a range of its own
+        "ORVANTA_JOB_ID_COUNT": "2",
+    }
+    settings = Settings.from_env(env)
+    if not idmap.hardened(settings):
+        pytest.skip("jobs get no host ids of their own here (not root, or ORVANTA_JOB_UID=0)")
+    with JobRunner(settings, probe_host(settings)) as runner:
+        second = JobSpec(own_id("second"), "bash", "echo second\n", {}, 30)
+        following = Next(second, settings)
+        first = runner.run(
+            JobSpec(own_id("first"), "bash", "sleep 0.3\n", {}, 30),
+            upcoming=following.upcoming(),
+        )
+        assert first.status == "success", first
+        assert following.let_go == [second] and runner._ahead_job is None
+        assert runner.run(second).status == "success"
+
+
+@pytest.mark.req("R-JOB-3")
+def test_a_job_made_ready_then_canceled_leaves_nothing_on_an_idle_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor, "AHEAD_HOLD_SECONDS", 30.0)
+    monkeypatch.setattr(pipeline, "PREFETCH_HOLD_SECONDS", 30.0)
+    monkeypatch.setattr(pipeline, "PEEK_MAX_AGE_SECONDS", 30.0)
+    settings = Settings.from_env({"ORVANTA_STATE_DIR": str(tmp_path / "state")})
+    queue = JobQueue.in_state_dir(settings.state_dir)
+    try:
+        queue.submit("bash", "sleep 1.5\n")
+        second = queue.submit("bash", "echo second\n")
+        with JobRunner(settings, probe_host(settings)) as runner:
+            worker = Worker(runner, queue, "w-cancel")
+            place = runner.jobs_dir / second
+            seen: dict[str, bool] = {}
+
+            def cancel_then_look() -> None:
+                deadline = time.monotonic() + 20
+                while not (place / "job" / "main.sh").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                seen["made"] = place.exists()
+                queue.cancel(second)
+                done = queue.wait(second, 20)
+                seen["canceled"] = done.result is not None and done.result.status == "canceled"
+                time.sleep(0.5)  # the worker idles: nothing else is queued
+                seen["left"] = place.exists()
+                worker.stopping.set()
+
+            looker = threading.Thread(target=cancel_then_look)
+            looker.start()
+            try:
+                worker.serve()
+            finally:
+                looker.join()
+        assert seen == {"made": True, "canceled": True, "left": False}, seen
     finally:
         queue.close()

@@ -93,7 +93,7 @@ def test_the_queue_thread_waits_for_the_spawn_of_the_job_taken(
         taken = time.monotonic()
         wait_for(lambda: "complete" in source.after(taken))
         waited = next(at for name, at in source.calls if name == "complete" and at >= taken) - taken
-        # once from the post, not once per call that waits (the loop waits twice: 2 s)
+        # once from the take, not once per call that waits (the loop waits twice: 2 s)
         assert wait * 0.8 <= waited < 1.5 * wait, waited
         link.spawned()
         link.post(third, _result(third.spec.id))
