@@ -65,6 +65,9 @@ class Database(Protocol):
     # ends a claim's inner SELECT: concurrent claimers skip a row another one is taking
     # (PostgreSQL); empty on SQLite, whose writers take turns anyway
     skip_locked: str
+    # a DELETE ... RETURNING may feed an INSERT in one statement (WITH): a finished job moves
+    # in one round trip (PostgreSQL); SQLite, in-process, runs the statements one by one
+    moves_in_one_statement: bool
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Run one statement; the rows it returns (RETURNING included)."""
@@ -95,6 +98,7 @@ def statements(sql: str) -> list[str]:
 class SqliteDatabase:
     kind = "sqlite"
     skip_locked = ""
+    moves_in_one_statement = False
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +164,7 @@ class SqliteDatabase:
 class PostgresDatabase:
     kind = "postgresql"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    moves_in_one_statement = True
 
     def __init__(self, url: str) -> None:
         self.display = redact(url)

@@ -612,6 +612,7 @@ class JobRunner:
         joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
         fds: list[int] = []
         stdin = subprocess.DEVNULL
+        pipes = _JobPipes()
         try:
             for data in launch.inputs:
                 fds.append(memory_file(data))
@@ -623,14 +624,17 @@ class JobRunner:
                 proc = subprocess.Popen(
                     argv,
                     stdin=stdin,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+                    stdout=pipes.stdout[1],
+                    stderr=pipes.stderr[1],
                     close_fds=True,  # R-JOB-2: stdio, and what the launcher reads, nothing else
                     pass_fds=fds,
                     env=launch.env,
                     cwd=job.job_dir,
                     start_new_session=True,
                 )
+        except BaseException:
+            pipes.close()
+            raise
         finally:
             for fd in fds:
                 os.close(fd)
@@ -648,10 +652,13 @@ class JobRunner:
 
         try:
             out, err, stopped = _collect(
-                proc, job.timeout, self.settings.output_limit, cancel, meanwhile
+                proc, pipes, job.timeout, self.settings.output_limit, cancel, meanwhile
             )
         finally:
-            survivors, escaped, cpu = _kill_job(proc, cgroup, spared)
+            try:
+                survivors, escaped, cpu = _kill_job(proc, cgroup, spared)
+            finally:
+                pipes.close()
         notes = [n for n in (out.note("stdout"), err.note("stderr")) if n]
         if survivors:
             notes.append(f"killed {survivors} leftover process(es) of the job")
@@ -819,8 +826,39 @@ class _Capped:
         return f"{name} truncated at {self.limit} bytes ({self.dropped} bytes dropped)"
 
 
+class _JobPipes:
+    """The job's stdout and stderr: pipes whose write ends the worker holds too while the job
+    runs, so that their ends at the job's exit wake it once (the pidfd), not once per pipe;
+    it lets go of them at the exit (`release`) and reads what is left."""
+
+    def __init__(self) -> None:
+        self.stdout = os.pipe()  # (read, write), close-on-exec: only the spawn dups them
+        try:
+            self.stderr = os.pipe()
+        except BaseException:
+            for fd in self.stdout:
+                os.close(fd)
+            raise
+        self._open = [*self.stdout, *self.stderr]
+
+    def release(self) -> None:
+        """Close the worker's write ends: the pipes end once the job's processes close theirs."""
+        for fd in (self.stdout[1], self.stderr[1]):
+            self._close(fd)
+
+    def close(self) -> None:
+        for fd in list(self._open):
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        if fd in self._open:
+            self._open.remove(fd)
+            os.close(fd)
+
+
 def _collect(
     proc: subprocess.Popen[bytes],
+    pipes: _JobPipes,
     timeout: float,
     limit: int,
     cancel: Cancellation | None,
@@ -836,11 +874,12 @@ def _collect(
     still holds the pipes open; what is already buffered is read for a short grace
     period, then the leftovers are killed by the caller.
     """
-    assert proc.stdout is not None and proc.stderr is not None
     out, err = _Capped(limit), _Capped(limit)
-    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    streams = {pipes.stdout[0]: out, pipes.stderr[0]: err}
     deadline = time.monotonic() + timeout
     pidfd = _pidfd(proc.pid)
+    if pidfd is None:
+        pipes.release()  # the exit is polled: the pipes' ends are what wake us meanwhile
     try:
         poller = select.poll()  # no syscall to set up, one per wait: fewer GIL handoffs
         watched = [*streams, *([pidfd] if pidfd is not None else [])]
@@ -878,6 +917,7 @@ def _collect(
                     poller.unregister(fd)
                     watched.remove(fd)
                     waited_on -= 1
+                    pipes.release()  # what the job's processes still hold is read for the grace
                     continue
                 data = os.read(fd, 65536)
                 if data:
@@ -917,7 +957,6 @@ def _kill_job(
         _killpg(proc.pid)
     cpu = _reap(proc)
     orphans = reaper.kill_orphans(outside_cgroup=cgroup is not None, spared=spared)
-    _drain(proc)
     return survivors, orphans, cpu
 
 
@@ -948,9 +987,3 @@ def _reap(proc: subprocess.Popen[bytes]) -> float | None:
 def _killpg(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def _drain(proc: subprocess.Popen[bytes]) -> None:
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import tempfile
 from importlib import resources
@@ -50,8 +51,8 @@ def render_config(
 ) -> str:
     """The nsjail config for one job; every placeholder must be filled (KeyError otherwise).
     `host_ids` are the job's own; without them, the first of the range where the worker may
-    map ids (the start-up probe)."""
-    limits = settings.limits
+    map ids (the start-up probe). What depends on the settings alone is filled once per
+    settings (`_settings_template`); only the job's own values are filled per job."""
     userns = not settings.disable_nuser
     if host_ids is None and idmap.hardened(settings):
         host_ids = idmap.job_owner(settings)
@@ -63,21 +64,11 @@ def render_config(
         if userns
         else ""
     )
-    return config_template(language).substitute(
+    return _settings_template(language, settings, cgroups.is_v2()).substitute(
         job_dir=str(job_dir),
         time_limit=int(timeout) + 1,
-        clone_newnet=_bool(settings.nsjail_network == "isolated"),
-        clone_newuser=_bool(userns),
-        # without a user namespace, bringing the jail's loopback up needs CAP_NET_ADMIN, which
-        # the page's minimal capability set lacks: the jail's network stays isolated, lo down
-        iface_no_lo=_bool(not userns),
         id_maps=id_maps,
-        cpu_seconds=limits.cpu_seconds,
-        file_size_mb=limits.file_size_mb,
-        open_files=limits.open_files,
-        tmpfs_mb=limits.file_size_mb,
         cgroup_limits=_cgroup_limits(settings, cgroup_parent),
-        interpreter_mounts=_interpreter_mounts(settings.python_path),
         envars="\n".join(f"envar: {text_string(f'{k}={v}')}" for k, v in (env or {}).items()),
         # only where the worker could not bind them into the job dir itself (R-ANN-4, R-VOL-2)
         volume_mounts="\n".join(
@@ -88,9 +79,42 @@ def render_config(
     )
 
 
+@functools.lru_cache(maxsize=8)  # a live job_isolation change is new settings (R-SEL-7)
+def _settings_template(language: str, settings: Settings, v2: bool) -> Template:
+    """The language's config with what the settings decide filled in, the job's own values
+    still placeholders: rendered once per settings, not per job."""
+    limits = settings.limits
+    userns = not settings.disable_nuser
+    values = {
+        "clone_newnet": _bool(settings.nsjail_network == "isolated"),
+        "clone_newuser": _bool(userns),
+        # without a user namespace, bringing the jail's loopback up needs CAP_NET_ADMIN, which
+        # the page's minimal capability set lacks: the jail's network stays isolated, lo down
+        "iface_no_lo": _bool(not userns),
+        "cpu_seconds": str(limits.cpu_seconds),
+        "file_size_mb": str(limits.file_size_mb),
+        "open_files": str(limits.open_files),
+        "tmpfs_mb": str(limits.file_size_mb),
+        "interpreter_mounts": _interpreter_mounts(settings.python_path),
+    }
+
+    def fill(match: re.Match[str]) -> str:
+        """A value of `values` ($ escaped: the job's step reads it as text), else as it was."""
+        name = match.group("named") or match.group("braced")
+        return values[name].replace("$", "$$") if name in values else match.group(0)
+
+    template = config_template(language)
+    return Template(template.pattern.sub(fill, template.template))
+
+
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f]*')
+
+
 def text_string(value: str) -> str:
     """`value` as a protobuf text-format string literal: quotes, backslashes and control
     characters escaped (octal), everything else as UTF-8."""
+    if _PLAIN.fullmatch(value):
+        return f'"{value}"'  # nothing to escape: most values, checked in one pass
     out = []
     for char in value:
         if char in ('"', "\\"):

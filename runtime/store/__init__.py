@@ -16,7 +16,7 @@ from typing import Any
 from runtime.database import Database
 from runtime.settings import DEFAULT_JOB_RETENTION
 from runtime.store import finished
-from runtime.store.schema import move_to_finished
+from runtime.store.schema import finish
 
 
 class Store:
@@ -27,9 +27,10 @@ class Store:
         self.retention = retention  # seconds a finished job is kept (ORVANTA_JOB_RETENTION_SECONDS)
         self._purged_at = 0.0
 
-    def _finish(self, update: str, params: Sequence[Any], job_id: str) -> bool:
-        """Run `update` (it marks one job done, or changes nothing) and, when it did, move the
-        job to the finished table in the same transaction: claims never see finished jobs.
+    def _finish(self, job_id: str, where: str, params: Sequence[Any], result: str) -> bool:
+        """Mark job `job_id` done with `result`, if it matches `where`, and move it to the
+        finished table in the same transaction (runtime.store.schema.finish): claims never
+        see finished jobs. False when it did not match.
 
         Finished jobs past the retention go first, outside that transaction, so a purge
         that fails fails before the result is recorded and its caller's retry is safe.
@@ -38,8 +39,4 @@ class Store:
         due = now - self._purged_at >= min(finished.PURGE_EVERY, self.retention)
         if due and finished.purge(self.db, now - self.retention) < finished.PURGE_BATCH:
             self._purged_at = now  # else more are due: the next finish takes the next batch
-        with self.db.transaction():
-            if self.db.execute(update, params) != 1:
-                return False
-            move_to_finished(self.db, "id=?", (job_id,))
-        return True
+        return finish(self.db, job_id, where, params, now, result)

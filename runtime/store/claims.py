@@ -120,8 +120,8 @@ class ClaimStore(Store):
     def complete(self, result: JobResult, worker: str) -> bool:
         """Record the result once; False when another worker took the job over meanwhile."""
         return self._finish(
-            f"""UPDATE {HOT} SET status='done', finished=?, result=?
-                WHERE id=? AND worker=? AND status='running'""",
-            (time.time(), json.dumps(result.to_dict()), result.job_id, worker),
             result.job_id,
+            "worker=? AND status='running'",
+            (worker,),
+            json.dumps(result.to_dict()),
         )

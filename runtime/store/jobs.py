@@ -89,11 +89,7 @@ class JobStore(Store):
         turns "never runs" into "killed while running", never into a lost result.
         """
         result = JobResult(job_id, "none", "canceled", None, 0.0, "", "", ["canceled"])
-        if self._finish(
-            f"UPDATE {HOT} SET status='done', finished=?, result=? WHERE id=? AND status='queued'",
-            (time.time(), json.dumps(result.to_dict()), job_id),
-            job_id,
-        ):
+        if self._finish(job_id, "status='queued'", (), json.dumps(result.to_dict())):
             return "canceled before it ran"
         if self.db.execute(f"UPDATE {HOT} SET cancel=1 WHERE id=? AND status='running'", (job_id,)):
             return "cancel requested"

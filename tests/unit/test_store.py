@@ -136,6 +136,42 @@ def test_a_released_job_is_queued_again_as_if_never_claimed(queue: JobQueue) -> 
     assert second != first
 
 
+def test_a_finished_job_moves_whole_and_once_in_one_statement_on_postgresql(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result (and a cancel of a queued job) moves the job to the finished table with every
+    column it had; a second result changes nothing. On PostgreSQL that is one statement,
+    one round trip: the queue thread's cost per job (runtime.store.schema.finish)."""
+    ran, waiting = queue.submit("bash", "echo hi\n", env={"A": "b"}), queue.submit("bash", "x\n")
+    claimed = queue.claim("w-a", 30)
+    assert claimed is not None and claimed.id == ran
+    statements: list[str] = []
+    execute = queue.db.execute
+    monkeypatch.setattr(
+        queue.db, "execute", lambda sql, params=(): statements.append(sql) or execute(sql, params)
+    )
+    monkeypatch.setattr(queue, "_purged_at", time.time())  # no purge of old jobs in between
+    result = JobResult(ran, "none", "success", 0, 0.5, "hi\n", "", ["isolation: none"])
+    assert not queue.complete(result, "w-b")  # not w-b's job: nothing changes
+    assert queue.complete(result, "w-a")
+    assert not queue.complete(result, "w-a")  # once
+    assert queue.cancel(waiting) == "canceled before it ran"
+    # SQLite: an UPDATE, and an INSERT and a DELETE where it matched
+    writes = 4 if queue.db.kind == "postgresql" else 1 + 3 + 1 + 3
+    assert len(statements) == writes, statements
+    done = queue.job(ran)
+    assert (done.status, done.worker, done.attempts) == ("done", "w-a", 1)
+    assert done.result == result and done.finished is not None and done.finished >= done.created
+    env = queue.db.query("SELECT env, script FROM finished_jobs WHERE id = ?", (ran,))
+    assert [(json.loads(env[0][0]), env[0][1])] == [({"A": "b"}, "echo hi\n")]
+    canceled = queue.job(waiting)
+    assert canceled.status == "done" and canceled.attempts == 0
+    assert canceled.result is not None and canceled.result.status == "canceled"
+    hot = queue.db.query("SELECT COUNT(*) FROM jobs")[0][0]
+    moved = queue.db.query("SELECT COUNT(*) FROM finished_jobs WHERE id IN (?, ?)", (ran, waiting))
+    assert (hot, moved[0][0]) == (0, 2)
+
+
 @pytest.mark.req("R-JOB-3")
 def test_a_job_canceled_while_claimed_ahead_is_not_handed_back(queue: JobQueue) -> None:
     job_id = queue.submit("bash", "true\n")
