@@ -143,6 +143,8 @@ class JobRunner:
         self._tearing_down: set[str] = set()  # job ids whose teardown is still to be done
         self._backends: dict[tuple[str, Settings], Backend] = {}
         self._ahead_job: Prepared | None = None  # the next job, prepared while one runs
+        self._attached: list[JobDir] = []  # finished jobs' tmpfs not detached yet (_let_go)
+        self._attached_lock = threading.Lock()  # held through a detach
         atexit.register(self.settle)  # what the last job left is removed at exit too
 
     def run(
@@ -370,6 +372,14 @@ class JobRunner:
         if ids is not None:
             ids.release()  # another thread's teardown took some meanwhile
 
+    def _detach_deferred(self, only: JobDir | None = None) -> None:
+        """Detach the tmpfs of finished jobs that `_let_go` left attached: every one before a
+        spawn whose mount namespace would copy them, `only` the one a teardown removes."""
+        with self._attached_lock:
+            for place in [p for p in self._attached if only is None or p is only]:
+                self._attached.remove(place)
+                place.unmount()
+
     def _tidy(
         self,
         job_id: str,
@@ -386,6 +396,8 @@ class JobRunner:
         clean = False
         recycled: JobDir | None = None
         try:
+            if place is not None:
+                self._detach_deferred(place)
             for fd, _ in volume_fds:
                 os.close(fd)
             try:
@@ -530,13 +542,21 @@ class JobRunner:
 
     def _let_go(self, job: Prepared, now: bool = False) -> None:
         """The job's mounts detached now (no later job's namespace may copy them), the rest
-        handed to the tidier (`_tidy`) once it ended. `now`: a job that never ran (prepared
+        handed to the tidier (`_tidy`) once it ended. A job whose backend made no mount
+        namespace (`none`) had its tmpfs copied by none: it is detached in the teardown, or
+        before the spawn of a job whose namespace would copy it (`_detach_deferred`),
+        whichever comes first, not between the two jobs. `now`: a job that never ran (prepared
         ahead, then discarded) is torn down here, this one alone (its place holds only the
         script), so it is gone from under its id before the job goes back to the queue,
         without waiting for other jobs' teardowns."""
         place = job.place
         if place is not None:
-            place.unmount()
+            copied = job.backend is None or job.backend.copies_mounts
+            if now or copied or place.volume_fds:
+                place.unmount()
+            else:  # nothing has copied it: it goes with the teardown, or before a spawn that would
+                with self._attached_lock:
+                    self._attached.append(place)
         with self._ahead_lock:
             self._tearing_down.add(job.spec.id)
         teardown = functools.partial(
@@ -604,7 +624,9 @@ class JobRunner:
         upcoming: Upcoming | None,
     ) -> tuple[int, bool, str, str, list[str], float | None]:
         launch, job, cgroup = prepared.launch, prepared.job, prepared.cgroup
-        assert launch is not None and job is not None
+        assert launch is not None and job is not None and prepared.backend is not None
+        if self._attached and prepared.backend.copies_mounts:
+            self._detach_deferred()  # no earlier job's tmpfs in this job's namespace
         # No preexec_fn: it would force a full fork of the worker for every job. The child is
         # born in the job's cgroup and at the job's OOM score because the worker takes both on
         # for the spawn; every process of the job inherits them, with no race.

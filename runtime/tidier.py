@@ -13,7 +13,8 @@ stripped) still runs on a thread of its own (`heavy`): on the job loop's
 thread it would hold off the next job's deadline and cancel for as long.
 
 Nothing is weakened by the wait: the job's mounts are detached before its
-result (no later job's namespace copies them), the ids are freed last and
+result (no later job's namespace copies them; a `none` job's, which nothing
+copied, before the next spawn that would), the ids are freed last and
 only once nothing of the job is left, so no later job gets the uid that could
 read the dir, and a volume stays locked until its setuid bits are stripped.
 At most BACKLOG teardowns of each kind wait (a further light one runs the

@@ -108,6 +108,8 @@ class Backend(Protocol):
     own_cgroups: ClassVar[bool]  # makes cgroups of its own below the job's (limits, R-TBL-RES)
     rlimits: ClassVar[bool]  # applies the job limits as rlimits (ORVANTA_JOB_CPU_SECONDS...)
     own_mounts: ClassVar[bool]  # mounts in a namespace of its own: may bind a volume by path
+    # its jobs' mount namespace starts as a copy of the worker's (every mount in it then)
+    copies_mounts: ClassVar[bool]
 
     @classmethod
     def probe(cls, settings: Settings) -> Probe:

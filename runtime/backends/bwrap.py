@@ -115,6 +115,7 @@ class Bubblewrap:
     own_cgroups: ClassVar[bool] = False
     rlimits: ClassVar[bool] = True  # prlimit
     own_mounts: ClassVar[bool] = False  # unprivileged: it binds only what its ids can reach
+    copies_mounts: ClassVar[bool] = True
 
     @classmethod
     def probe(cls, settings: Settings) -> Probe:

@@ -15,6 +15,7 @@ class NoIsolation:
     own_cgroups: ClassVar[bool] = False
     rlimits: ClassVar[bool] = False
     own_mounts: ClassVar[bool] = False
+    copies_mounts: ClassVar[bool] = False  # the job sees the worker's own mount table
 
     @classmethod
     def probe(cls, settings: Settings) -> Probe:

@@ -177,6 +177,7 @@ class Nsjail:
     own_cgroups: ClassVar[bool] = True
     rlimits: ClassVar[bool] = True
     own_mounts: ClassVar[bool] = True
+    copies_mounts: ClassVar[bool] = True
 
     @classmethod
     def probe(cls, settings: Settings) -> Probe:

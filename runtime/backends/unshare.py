@@ -185,6 +185,7 @@ class PidNamespace:
     own_cgroups: ClassVar[bool] = False
     rlimits: ClassVar[bool] = False
     own_mounts: ClassVar[bool] = False  # its jobs reach the job dir by its host path
+    copies_mounts: ClassVar[bool] = True  # --mount-proc: a mount namespace
 
     @classmethod
     def probe(cls, settings: Settings) -> Probe:

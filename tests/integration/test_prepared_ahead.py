@@ -300,3 +300,39 @@ def test_a_job_made_ready_then_canceled_leaves_nothing_on_an_idle_worker(
         assert seen == {"made": True, "canceled": True, "left": False}, seen
     finally:
         queue.close()
+
+
+def _mounted(path: Path) -> bool:
+    """`path` is a mount point in the worker's own mount table."""
+    return any(
+        line.split()[4] == str(path)
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    )
+
+
+@pytest.mark.req("R-JOB-5")
+def test_a_none_jobs_tmpfs_is_gone_before_a_job_whose_namespace_would_copy_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `none` job's tmpfs is detached after its result (nothing copied it), but before the
+    spawn of a job that makes a mount namespace: none of it is in that job's namespace."""
+    missing = tool_missing("unshare")
+    if missing:
+        pytest.skip(f"unshare: {missing}")
+    state = {"ORVANTA_STATE_DIR": str(tmp_path / "state")}
+    plain = Settings.from_env(state)
+    isolated = Settings.from_env({**BACKEND_ENV["unshare"], **state})
+    with JobRunner(plain, probe_host(isolated)) as runner:
+        if not runner._mount:
+            pytest.skip("job dirs are tmpfs only where the worker may mount (root)")
+        first = JobSpec(own_id("first"), "bash", "echo secret > note\n")
+        assert runner.run(first).status == "success"
+        assert _mounted(runner.jobs_dir / first.id / "job"), "detached at once: not deferred"
+        second = JobSpec(own_id("second"), "bash", "cat /proc/self/mountinfo\n")
+        with monkeypatch.context() as patch:  # the teardown, beside the job, may come too late
+            patch.setattr(runner._tidier, "pause", lambda: None)
+            seen = runner.run(second, isolated)
+        assert seen.isolation == "unshare" and seen.status == "success", seen
+        assert str(runner.jobs_dir / second.id) in seen.stdout  # its own tmpfs: it can see
+        assert first.id not in seen.stdout, "the last job's tmpfs is in this job's namespace"
+        assert not _mounted(runner.jobs_dir / first.id / "job")
