@@ -77,11 +77,11 @@ def move_to_finished(db: Database, where: str, params: Sequence[Any] = ()) -> No
 def finish(
     db: Database, job_id: str, where: str, params: Sequence[Any], finished: float, result: str
 ) -> bool:
-    """Mark job `job_id` done, with its time and result, if it matches `where`, and move it to
-    the finished table, atomically; False where it does not match (nothing changed)."""
+    """Move job `job_id`, if it matches `where`, to the finished table, marked done with its
+    time and result, atomically; False where it does not match (nothing changed)."""
+    values = {"status": "'done'", "finished": "?", "result": "?"}
+    select = ", ".join(values.get(column, column) for column in COLUMNS)
     if db.moves_in_one_statement:  # one round trip: the statement is its own transaction
-        values = {"status": "'done'", "finished": "?", "result": "?"}
-        select = ", ".join(values.get(column, column) for column in COLUMNS)
         moved = db.execute(
             f"WITH gone AS (DELETE FROM {HOT} WHERE id=? AND {where} RETURNING {ALL_COLUMNS}) "
             f"INSERT INTO {FINISHED} ({ALL_COLUMNS}) SELECT {select} FROM gone",
@@ -89,11 +89,11 @@ def finish(
         )
         return moved == 1
     with db.transaction():
-        marked = db.execute(
-            f"UPDATE {HOT} SET status='done', finished=?, result=? WHERE id=? AND {where}",
+        moved = db.execute(
+            f"INSERT INTO {FINISHED} ({ALL_COLUMNS}) "
+            f"SELECT {select} FROM {HOT} WHERE id=? AND {where}",
             (finished, result, job_id, *params),
         )
-        if marked != 1:
-            return False
-        move_to_finished(db, "id=?", (job_id,))
-    return True
+        if moved == 1:
+            db.execute(f"DELETE FROM {HOT} WHERE id=?", (job_id,))
+    return moved == 1
