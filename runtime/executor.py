@@ -377,8 +377,10 @@ class JobRunner:
         spawn whose mount namespace would copy them, `only` the one a teardown removes."""
         with self._attached_lock:
             for place in [p for p in self._attached if only is None or p is only]:
-                self._attached.remove(place)
-                place.unmount()
+                try:
+                    place.unmount()
+                finally:  # listed until detached: a spawn on another thread waits for it
+                    self._attached.remove(place)
 
     def _tidy(
         self,
@@ -552,9 +554,9 @@ class JobRunner:
         place = job.place
         if place is not None:
             copied = job.backend is None or job.backend.copies_mounts
-            if now or copied or place.volume_fds:
+            if now or copied or not place.quota or place.volume_fds or job.volume_fds:
                 place.unmount()
-            else:  # nothing has copied it: it goes with the teardown, or before a spawn that would
+            else:  # a light teardown (on this thread) detaches it, or a spawn that would copy it
                 with self._attached_lock:
                     self._attached.append(place)
         with self._ahead_lock:

@@ -13,10 +13,11 @@ stripped) still runs on a thread of its own (`heavy`): on the job loop's
 thread it would hold off the next job's deadline and cancel for as long.
 
 Nothing is weakened by the wait: the job's mounts are detached before its
-result (no later job's namespace copies them; a `none` job's, which nothing
-copied, before the next spawn that would), the ids are freed last and
-only once nothing of the job is left, so no later job gets the uid that could
-read the dir, and a volume stays locked until its setuid bits are stripped.
+result (no later job's namespace copies them; a `none` job's, which no
+namespace of this worker copied, before its next spawn that would), the ids
+are freed last and only once nothing of the job is left, so no later job
+gets the uid that could read the dir, and a volume stays locked until its
+setuid bits are stripped.
 At most BACKLOG teardowns of each kind wait (a further light one runs the
 oldest at once, a further heavy one waits for the thread), and they all run
 before what must find them done: a worker that stops, `orvanta run` before it

@@ -336,3 +336,34 @@ def test_a_none_jobs_tmpfs_is_gone_before_a_job_whose_namespace_would_copy_it(
         assert str(runner.jobs_dir / second.id) in seen.stdout  # its own tmpfs: it can see
         assert first.id not in seen.stdout, "the last job's tmpfs is in this job's namespace"
         assert not _mounted(runner.jobs_dir / first.id / "job")
+
+
+@pytest.mark.req("R-JOB-5", "R-VOL-2")
+def test_a_none_jobs_tmpfs_is_detached_at_once_where_its_teardown_runs_on_another_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teardown with volumes to strip runs on the tidier's own thread; a tmpfs left for it to
+    detach could still be attached when this thread spawns a job whose namespace copies it.
+    Here the script does not fit the job's 1 MiB tmpfs after its volume was claimed."""
+    env = {"ORVANTA_STATE_DIR": str(tmp_path / "state"), "ORVANTA_JOB_DISK_MB": "1"}
+    settings = Settings.from_env(env)
+    with JobRunner(settings, probe_host(settings)) as runner:
+        if not runner._mount:
+            pytest.skip("job dirs are tmpfs only where the worker may mount (root)")
+        held: list[Any] = []
+        try:
+            with monkeypatch.context() as patch:  # teardowns wait: what they would free is seen
+                patch.setattr(
+                    runner._tidier, "submit", lambda teardown, heavy=False: held.append(teardown)
+                )
+                script = "# volume: cache data\n" + "#" * 2**21 + "\n"
+                spec = JobSpec(own_id("big"), "bash", script)
+                with pytest.raises(OSError):
+                    runner.run(spec)
+                assert held, "no teardown handed to the tidier"
+                assert runner._attached == [], "left attached for a teardown on another thread"
+                assert not _mounted(runner.jobs_dir / spec.id / "job")
+        finally:
+            runner._detach_deferred()
+            for teardown in held:
+                teardown()
