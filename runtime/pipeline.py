@@ -1,8 +1,9 @@
 """The worker's side of the queue, off the job's critical path: one thread for all of it.
 
 While a job runs, this thread records the previous job's result, claims the next
-job (a prefetch of one), renews the lease of every job the worker holds, asks the
-queue for cancels and beats the worker's heartbeat. The job loop only takes a
+job (a prefetch of one; both in one call where the queue offers it, on PostgreSQL
+one statement), renews the lease of every job the worker holds, asks the queue for
+cancels and beats the worker's heartbeat. The job loop only takes a
 claimed job and hands back its result, so neither a claim nor a result sits
 between one job's end and the next one's spawn.
 
@@ -230,7 +231,8 @@ class QueueLink:
             # leases between every call that may block: a slow one must not let them lapse
             self._keep_leases()
             self._wait_for_spawn()
-            self._send_results()
+            if not self._send_and_claim():
+                self._send_results()
             with self._cond:
                 if not self._claiming and not self._outbox:
                     return
@@ -258,10 +260,11 @@ class QueueLink:
             pause = min(pause, self._next_claim - now)
         return max(pause, 0.0)
 
-    def _wants_claim(self, now: float) -> bool:
+    def _wants_claim(self, now: float, unsent: int = 0) -> bool:
+        """Whether to claim the next job now, with `unsent` results sent in the same call."""
         if not self._claiming or self.fatal is not None or self._ready:
             return False
-        if self._outbox:  # unsent: its job's lease is not renewed, and could come back to us
+        if len(self._outbox) > unsent:  # its job's lease is not renewed: it could come back
             return False
         if self._budget is not None and self._budget <= 0:
             return False
@@ -287,6 +290,10 @@ class QueueLink:
             log.error("worker %s: cannot claim a job (%s); retrying in 1s", self.name, exc)
             self._next_claim = time.monotonic() + 1.0
             return
+        self._claimed(spec)
+
+    def _claimed(self, spec: JobSpec | None) -> None:
+        """A claim's answer: the job, ready for `take`; or none queued, asked again later."""
         if spec is None:
             self._next_claim = time.monotonic() + self._idle
             self._idle = min(self._idle * 2, IDLE_POLL_MAX_SECONDS)
@@ -298,6 +305,34 @@ class QueueLink:
                 self._budget -= 1
             self._ready.append(held)
             self._cond.notify_all()
+
+    def _send_and_claim(self) -> bool:
+        """The one result waiting and the next claim in one call, where the source offers it
+        (PostgreSQL: one round trip instead of two). False, with nothing done, where it
+        does not or fails: `_send_results` and `_claim_ahead` then do it in two, and say why."""
+        both = getattr(self.source, "complete_and_claim", None)
+        now = time.monotonic()
+        with self._cond:
+            if both is None or len(self._outbox) != 1 or self._outbox[0].retry_at > now:
+                return False
+            if not self._wants_claim(now, unsent=1) or now < self._next_claim:
+                return False
+            out = self._outbox[0]
+        try:
+            answer = both(out.result, self.name, self.lease, self._tags())
+        except Exception as exc:
+            log.debug("job %s: result and claim in one call failed: %s", out.result.job_id, exc)
+            return False
+        if answer is None:
+            return False
+        recorded, spec = answer
+        self._log_result(out)
+        if not recorded:
+            log.warning("job %s: lease lost before completion; result dropped", out.result.job_id)
+        with self._cond:
+            self._outbox.popleft()
+        self._claimed(spec)
+        return True
 
     def _keep_leases(self) -> None:
         with self._cond:
@@ -388,16 +423,7 @@ class QueueLink:
     def _send(self, out: Outgoing) -> bool:
         """Record one result; True when done with it (recorded, refused for good, or late)."""
         result = out.result
-        if not out.logged:  # here, once, not by the job loop between two jobs
-            out.logged = True
-            log.info(
-                "job %s: %s exit=%s isolation=%s in %.3fs",
-                result.job_id,
-                result.status,
-                result.exit_code,
-                result.isolation,
-                result.duration,
-            )
+        self._log_result(out)
         try:
             if not self.source.complete(result, self.name):
                 log.warning("job %s: lease lost before completion; result dropped", result.job_id)
@@ -432,6 +458,21 @@ class QueueLink:
                 return True
             log.warning("job %s: cannot record the result yet (%s); retrying", result.job_id, exc)
             return False
+
+    @staticmethod
+    def _log_result(out: Outgoing) -> None:
+        """Here, once, not by the job loop between two jobs."""
+        if not out.logged:
+            out.logged = True
+            result = out.result
+            log.info(
+                "job %s: %s exit=%s isolation=%s in %.3fs",
+                result.job_id,
+                result.status,
+                result.exit_code,
+                result.isolation,
+                result.duration,
+            )
 
     def _beat_heartbeat(self) -> None:
         """Tell the queue which tags this worker serves, so unserved tags are reported."""

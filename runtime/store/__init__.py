@@ -35,8 +35,12 @@ class Store:
         Finished jobs past the retention go first, outside that transaction, so a purge
         that fails fails before the result is recorded and its caller's retry is safe.
         """
+        self._purge_due()
+        return finish(self.db, job_id, where, params, time.time(), result)
+
+    def _purge_due(self) -> None:
+        """Remove a batch of finished jobs past the retention, when one is due."""
         now = time.time()
         due = now - self._purged_at >= min(finished.PURGE_EVERY, self.retention)
         if due and finished.purge(self.db, now - self.retention) < finished.PURGE_BATCH:
             self._purged_at = now  # else more are due: the next finish takes the next batch
-        return finish(self.db, job_id, where, params, now, result)

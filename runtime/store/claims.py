@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from runtime.jobs import DEFAULT_TAG, JobResult, JobSpec
 from runtime.store import Store
 from runtime.store.finished import by_id
-from runtime.store.schema import HOT
+from runtime.store.schema import ALL_COLUMNS, COLUMNS, FINISHED, HOT
 
 MAX_ATTEMPTS = 5  # a job whose workers died (or could not report) this often fails for good
 
@@ -52,6 +53,28 @@ def claim_query(tag_count: int, skip_locked: str) -> str:
                          (SELECT value FROM instance_settings WHERE key='job_isolation')"""
 
 
+def complete_and_claim_query(tag_count: int, skip_locked: str) -> str:
+    """PostgreSQL's result and next claim in one statement (data-modifying WITH clauses):
+    the finished job moved as in `schema.finish`, the claim as in `claim_query`, never of
+    the job being finished. Parameters: its id and worker, finished, result, then the
+    claim's, then its id again. The first column tells whether the result was recorded;
+    the rest are the claim's (NULL where none was taken)."""
+    claim = claim_query(tag_count, skip_locked).replace(
+        "ORDER BY queued, created LIMIT 1)", "WHERE id <> ? ORDER BY queued, created LIMIT 1)"
+    )
+    values = {"status": "'done'", "finished": "?", "result": "?"}
+    select = ", ".join(values.get(column, column) for column in COLUMNS)
+    return (
+        f"WITH gone AS (DELETE FROM {HOT} WHERE id=? AND worker=? AND status='running' "
+        f"RETURNING {ALL_COLUMNS}), "
+        f"moved AS (INSERT INTO {FINISHED} ({ALL_COLUMNS}) SELECT {select} FROM gone "
+        "RETURNING id), "
+        f"claimed AS ({claim}) "
+        "SELECT (SELECT COUNT(*) FROM moved), claimed.* FROM (SELECT 1) AS one "
+        "LEFT JOIN claimed ON true"
+    )
+
+
 class ClaimStore(Store):
     def claim(
         self,
@@ -70,23 +93,50 @@ class ClaimStore(Store):
             rows = self.db.query(sql, (worker, group, now + lease, now, *tags, *tags))
             if not rows:
                 return None
-            job_id, language, script, env, timeout, workspace, attempts, isolation = rows[0]
-            if attempts <= MAX_ATTEMPTS:
-                return JobSpec(
-                    job_id,
-                    language,
-                    script,
-                    json.loads(env),
-                    timeout,
-                    workspace,
-                    None if isolation is None else str(isolation),
-                    job_isolation_read=True,
-                )
-            why = (
-                f"abandoned after {attempts - 1} attempts whose workers died or could not "
-                f"report a result"
+            spec = self._claimed(rows[0], worker)
+            if spec is not None:
+                return spec
+
+    def complete_and_claim(
+        self, result: JobResult, worker: str, lease: float, tags: tuple[str, ...]
+    ) -> tuple[bool, JobSpec | None] | None:
+        """`complete`, then `claim`, in one round trip where the database can (PostgreSQL):
+        whether the result was recorded, and the job claimed. None where it cannot: the
+        caller makes the two calls."""
+        tags = tuple(dict.fromkeys(tags))
+        if not self.db.moves_in_one_statement or not tags:
+            return None
+        self._purge_due()
+        now = time.time()
+        params = (result.job_id, worker, now, json.dumps(result.to_dict()))
+        claim = (worker, None, now + lease, now, *tags, *tags, result.job_id)
+        sql = complete_and_claim_query(len(tags), self.db.skip_locked)
+        recorded, *row = self.db.query(sql, (*params, *claim))[0]
+        if row[0] is None:
+            return recorded == 1, None
+        spec = self._claimed(tuple(row), worker)
+        return recorded == 1, spec if spec is not None else self.claim(worker, lease, tags)
+
+    def _claimed(self, row: tuple[Any, ...], worker: str) -> JobSpec | None:
+        """The job a claim returned; None where its attempts ran out (recorded failed)."""
+        job_id, language, script, env, timeout, workspace, attempts, isolation = row
+        if attempts <= MAX_ATTEMPTS:
+            return JobSpec(
+                job_id,
+                language,
+                script,
+                json.loads(env),
+                timeout,
+                workspace,
+                None if isolation is None else str(isolation),
+                job_isolation_read=True,
             )
-            self.complete(JobResult(job_id, "none", "error", None, 0.0, "", why, [why]), worker)
+        why = (
+            f"abandoned after {attempts - 1} attempts whose workers died or could not "
+            f"report a result"
+        )
+        self.complete(JobResult(job_id, "none", "error", None, 0.0, "", why, [why]), worker)
+        return None
 
     def renew(self, job_id: str, worker: str, lease: float) -> bool:
         """Extend the lease; False when the job is no longer this worker's."""

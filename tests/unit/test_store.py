@@ -172,6 +172,50 @@ def test_a_finished_job_moves_whole_and_once_in_one_statement_on_postgresql(
     assert (hot, moved[0][0]) == (0, 2)
 
 
+def test_a_result_and_the_next_claim_are_one_statement_on_postgresql(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's queue thread records a result and claims the next job in one round trip
+    where the database can (runtime.pipeline `_send_and_claim`); SQLite answers None and
+    the thread makes the two calls. A job is never claimed by the statement finishing it,
+    even when its lease has lapsed."""
+
+    def result(job_id: str) -> JobResult:
+        return JobResult(job_id, "none", "success", 0, 0.1, "ok\n", "", [])
+
+    first, second, third = (queue.submit("bash", "true\n") for _ in range(3))
+    claimed = queue.claim("w-a", 30)
+    assert claimed is not None and claimed.id == first
+    if queue.db.kind == "sqlite":
+        assert queue.complete_and_claim(result(first), "w-a", 30, ("default",)) is None
+        return
+    statements: list[str] = []
+    query = queue.db.query
+    monkeypatch.setattr(
+        queue.db, "query", lambda sql, params=(): statements.append(sql) or query(sql, params)
+    )
+    monkeypatch.setattr(queue, "_purged_at", time.time())  # no purge of old jobs in between
+
+    def both(job_id: str, worker: str) -> tuple[bool, str | None]:
+        answer = queue.complete_and_claim(result(job_id), worker, 30, ("default",))
+        assert answer is not None
+        return answer[0], answer[1].id if answer[1] is not None else None
+
+    assert both(first, "w-a") == (True, second)
+    assert len(statements) == 1, statements
+    done, running = queue.job(first), queue.job(second)
+    assert done.status == "done" and done.result == result(first)
+    assert (running.status, running.worker, running.attempts) == ("running", "w-a", 1)
+    assert both(second, "w-b") == (False, third)  # not w-b's to answer: not recorded
+    assert queue.job(second).status == "running"
+    assert both(third, "w-b") == (True, None)
+    # a lapsed lease: the statement that finishes the job does not claim it again
+    assert queue.renew(second, "w-a", -1.0)
+    assert both(second, "w-a") == (True, None)
+    assert queue.job(second).status == "done" and queue.job(second).attempts == 1
+    assert queue.db.query("SELECT COUNT(*) FROM jobs")[0][0] == 0
+
+
 @pytest.mark.req("R-JOB-3")
 def test_a_job_canceled_while_claimed_ahead_is_not_handed_back(queue: JobQueue) -> None:
     job_id = queue.submit("bash", "true\n")
