@@ -320,8 +320,12 @@ class QueueLink:
             out = self._outbox[0]
         try:
             answer = both(out.result, self.name, self.lease, self._tags())
-        except Exception as exc:
-            log.debug("job %s: result and claim in one call failed: %s", out.result.job_id, exc)
+        except Exception as exc:  # e.g. a deadlock with another worker's, after an outage
+            log.warning(
+                "job %s: result and claim in one call failed (%s); making the two calls",
+                out.result.job_id,
+                exc,
+            )
             return False
         if answer is None:
             return False

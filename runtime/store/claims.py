@@ -14,6 +14,7 @@ are in another table (runtime.store.schema).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -21,6 +22,8 @@ from runtime.jobs import DEFAULT_TAG, JobResult, JobSpec
 from runtime.store import Store
 from runtime.store.finished import by_id
 from runtime.store.schema import ALL_COLUMNS, COLUMNS, FINISHED, HOT
+
+log = logging.getLogger("orvanta.queue")
 
 MAX_ATTEMPTS = 5  # a job whose workers died (or could not report) this often fails for good
 
@@ -56,11 +59,13 @@ def claim_query(tag_count: int, skip_locked: str) -> str:
 def complete_and_claim_query(tag_count: int, skip_locked: str) -> str:
     """PostgreSQL's result and next claim in one statement (data-modifying WITH clauses):
     the finished job moved as in `schema.finish`, the claim as in `claim_query`, never of
-    the job being finished. Parameters: its id and worker, finished, result, then the
-    claim's, then its id again. The first column tells whether the result was recorded;
-    the rest are the claim's (NULL where none was taken)."""
+    the job being finished, even with its lease lapsed. Parameters: its id and worker,
+    finished, result, then the claim's, with its id again after the lapsed leases' time.
+    The first column tells whether the result was recorded; the rest are the claim's
+    (NULL where none was taken)."""
     claim = claim_query(tag_count, skip_locked).replace(
-        "ORDER BY queued, created LIMIT 1)", "WHERE id <> ? ORDER BY queued, created LIMIT 1)"
+        "lease_until < ? AND",
+        "lease_until < ? AND id <> ? AND",  # before the lapsed LIMIT 1
     )
     values = {"status": "'done'", "finished": "?", "result": "?"}
     select = ", ".join(values.get(column, column) for column in COLUMNS)
@@ -109,13 +114,17 @@ class ClaimStore(Store):
         self._purge_due()
         now = time.time()
         params = (result.job_id, worker, now, json.dumps(result.to_dict()))
-        claim = (worker, None, now + lease, now, *tags, *tags, result.job_id)
+        claim = (worker, None, now + lease, now, result.job_id, *tags, *tags)
         sql = complete_and_claim_query(len(tags), self.db.skip_locked)
         recorded, *row = self.db.query(sql, (*params, *claim))[0]
         if row[0] is None:
             return recorded == 1, None
-        spec = self._claimed(tuple(row), worker)
-        return recorded == 1, spec if spec is not None else self.claim(worker, lease, tags)
+        try:  # the result is recorded: what fails now is the claim's alone
+            spec = self._claimed(tuple(row), worker)
+            return recorded == 1, spec if spec is not None else self.claim(worker, lease, tags)
+        except Exception as exc:
+            log.warning("claim after job %s's result failed: %s", result.job_id, exc)
+            return recorded == 1, None
 
     def _claimed(self, row: tuple[Any, ...], worker: str) -> JobSpec | None:
         """The job a claim returned; None where its attempts ran out (recorded failed)."""

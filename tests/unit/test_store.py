@@ -209,10 +209,17 @@ def test_a_result_and_the_next_claim_are_one_statement_on_postgresql(
     assert both(second, "w-b") == (False, third)  # not w-b's to answer: not recorded
     assert queue.job(second).status == "running"
     assert both(third, "w-b") == (True, None)
-    # a lapsed lease: the statement that finishes the job does not claim it again
-    assert queue.renew(second, "w-a", -1.0)
-    assert both(second, "w-a") == (True, None)
+    # a lapsed lease: the statement that finishes the job does not claim it again, and
+    # another lapsed one behind it (a dead worker's) is the one it takes
+    orphan = queue.submit("bash", "true\n", tag="other")
+    assert queue.claim("w-dead", 30, ("other",)) is not None
+    assert queue.renew(second, "w-a", -2.0) and queue.renew(orphan, "w-dead", -1.0)
+    answer = queue.complete_and_claim(result(second), "w-a", 30, ("default", "other"))
+    assert answer is not None and answer[1] is not None
+    assert (answer[0], answer[1].id) == (True, orphan)
     assert queue.job(second).status == "done" and queue.job(second).attempts == 1
+    assert (queue.job(orphan).worker, queue.job(orphan).attempts) == ("w-a", 2)
+    assert both(orphan, "w-a") == (True, None)
     assert queue.db.query("SELECT COUNT(*) FROM jobs")[0][0] == 0
 
 
