@@ -544,13 +544,14 @@ class JobRunner:
 
     def _let_go(self, job: Prepared, now: bool = False) -> None:
         """The job's mounts detached now (no later job's namespace may copy them), the rest
-        handed to the tidier (`_tidy`) once it ended. A job whose backend made no mount
-        namespace (`none`) had its tmpfs copied by none: it is detached in the teardown, or
-        before the spawn of a job whose namespace would copy it (`_detach_deferred`),
-        whichever comes first, not between the two jobs. `now`: a job that never ran (prepared
-        ahead, then discarded) is torn down here, this one alone (its place holds only the
-        script), so it is gone from under its id before the job goes back to the queue,
-        without waiting for other jobs' teardowns."""
+        handed to the tidier (`_tidy`) once it ended. Where the job's backend made no mount
+        namespace (`none`), no namespace of this worker copied its tmpfs: it is detached in
+        the teardown, or before the spawn of a job whose namespace would copy it
+        (`_detach_deferred`), whichever comes first, not between the two jobs. A teardown on
+        the tidier's own thread (volumes, a plain dir) detaches it here. `now`: a job that
+        never ran (prepared ahead, then discarded) is torn down here, this one alone (its
+        place holds only the script), so it is gone from under its id before the job goes
+        back to the queue, without waiting for other jobs' teardowns."""
         place = job.place
         if place is not None:
             copied = job.backend is None or job.backend.copies_mounts
