@@ -31,7 +31,10 @@ import tty
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the guest imports runtime only once a worker is launched
+    from runtime.database import Database
 
 TTY = "/dev/ttyS0"
 DB_SOCKET = "/run/orvanta-uml/db.sock"
@@ -101,6 +104,7 @@ class RemoteDatabase:
 
     kind = "sqlite"
     skip_locked = ""
+    moves_in_one_statement = False  # the host's SQLite, statement by statement
 
     def __init__(self, url: str) -> None:
         self.display = f"{url} (from a UML guest)"
@@ -154,11 +158,12 @@ class RemoteDatabase:
             self._sock.close()
 
 
-def remote_connect(url: str | None, state_dir: Path) -> RemoteDatabase:
+def remote_connect(url: str | None, state_dir: Path) -> Database:
+    """runtime.database.connect's stand-in (typed as its Database: mypy checks the fit)."""
     return RemoteDatabase(url or f"sqlite:///{state_dir}/queue.sqlite3")
 
 
-def remote_sqlite(path: Path) -> RemoteDatabase:
+def remote_sqlite(path: Path) -> Database:
     return RemoteDatabase(f"sqlite:///{path}")
 
 
