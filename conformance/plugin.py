@@ -24,7 +24,7 @@ from conformance.audit import AuditCollector
 from conformance.harness import CellSession
 from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, Probe, current_env_cell, load
 from conformance.platforms import finish, open_platform, prepare, unavailable
-from conformance.platforms.session import start_session
+from conformance.platforms.session import dead_owned, owned_prefix, start_session
 from conformance.report.model import PLATFORM_MISSING
 from conformance.resources import suite_file
 from runtime.jobdir import remove_tree
@@ -32,6 +32,7 @@ from runtime.jobdir import remove_tree
 MATRIX_KEY = pytest.StashKey[Matrix]()
 ACTIVE_KEY = pytest.StashKey[bool]()
 SUITE_DIR = Path(__file__).resolve().parent
+CELLS_DIR = "orvanta-cells-"
 # every option of ours with its default: any other value asks for the suite
 DEFAULTS: dict[str, Any] = {
     "backend": "all",
@@ -232,6 +233,8 @@ def _drivers(config: pytest.Config) -> set[str]:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if active(session.config) and not hasattr(session.config, "workerinput"):
         prepare(_drivers(session.config))  # once, on the xdist controller
+        for left in dead_owned(CELLS_DIR):  # after prepare: their containers and guests are gone
+            remove_tree(left)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -249,7 +252,7 @@ def cells_root() -> Iterator[Path]:
     """Where cells keep their state, canaries and job dirs: a directory jobs may pass through
     (0711). Jobs under unshare run as the unprivileged ORVANTA_JOB_UID and reach their job
     dirs and the canaries by path; pytest's own 0700 temporary directories would stop them."""
-    root = Path(tempfile.mkdtemp(prefix="orvanta-cells-"))
+    root = Path(tempfile.mkdtemp(prefix=owned_prefix(CELLS_DIR)))
     root.chmod(0o711)
     yield root
     remove_tree(root)  # unmounts anything a worker left mounted, then deletes

@@ -8,6 +8,7 @@ containers, and a reused pid is not mistaken for a live run.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 SESSION_ENV = "ORVANTA_SESSION"
@@ -27,6 +28,23 @@ def session() -> str:
 def alive(owner: str) -> bool:
     pid, _, started = owner.partition(":")
     return pid.isdigit() and _start_time(int(pid)) == started
+
+
+def owned_prefix(kind: str) -> str:
+    """A temporary directory's name prefix that says which run made it: `<kind><pid>-<start>-`."""
+    return f"{kind}{session().replace(':', '-')}-"
+
+
+def dead_owned(kind: str) -> list[Path]:
+    """Temporary directories named by owned_prefix(kind) whose run is gone (killed: kill -9
+    runs no teardown). Names of another shape are not ours to judge and are left alone."""
+    found = []
+    for path in Path(tempfile.gettempdir()).glob(f"{kind}*"):
+        pid, _, rest = path.name[len(kind) :].partition("-")
+        started, dash, _ = rest.partition("-")
+        if pid.isdigit() and started.isdigit() and dash and not alive(f"{pid}:{started}"):
+            found.append(path)
+    return found
 
 
 def _start_time(pid: int) -> str:

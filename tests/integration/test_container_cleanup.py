@@ -1,4 +1,5 @@
-"""No container outlives its run: not after Ctrl-C, and not after kill -9 (the next run reaps it).
+"""No container outlives its run: not after Ctrl-C, and not after kill -9 (the next run reaps it,
+and the cells dir the killed run left in the temp dir).
 
 Runs the real suite on a Docker cell as a subprocess and interrupts it while the cell's
 container is up.
@@ -10,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,10 @@ def containers_of(owner_pid: int) -> list[str]:
         for line in out.splitlines()
         if f" {owner_pid}:" in f" {line.split(' ', 1)[-1]}"
     ]
+
+
+def cells_dirs_of(owner_pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"orvanta-cells-{owner_pid}-*"))
 
 
 def start_run() -> subprocess.Popen[bytes]:
@@ -90,6 +96,7 @@ def test_containers_of_a_killed_run_are_reaped_by_the_next_run() -> None:
     run.kill()
     run.wait(30)
     assert containers_of(run.pid), "kill -9 leaves the container: nothing could remove it"
+    assert cells_dirs_of(run.pid), "kill -9 leaves the cells dir: no fixture teardown ran"
     subprocess.run(
         [sys.executable, "-m", "pytest", *CELL, "--collect-only"],
         cwd=ROOT,
@@ -98,3 +105,4 @@ def test_containers_of_a_killed_run_are_reaped_by_the_next_run() -> None:
         timeout=120,
     )
     assert containers_of(run.pid) == []
+    assert cells_dirs_of(run.pid) == []

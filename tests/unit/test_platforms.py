@@ -15,6 +15,7 @@ import yaml
 from conformance.matrix import MatrixError, load
 from conformance.platforms import DRIVERS, driver_class, parse_platform, unavailable
 from conformance.platforms.host import kill_marked, survivors
+from conformance.platforms.session import dead_owned, owned_prefix, session
 from conformance.platforms.spec import SpecError
 
 MATRIX = Path(__file__).resolve().parents[2] / "matrix.yaml"
@@ -118,3 +119,20 @@ def test_survivors_are_found_by_marker_and_killed() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_killed_runs_temporary_dirs_are_known_by_their_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run names what it leaves in the temp dir after itself, so the next run can tell a
+    killed run's dir (reap it) from a live one's or one of another shape (leave it)."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    pid, started = session().split(":")
+    ours = tmp_path / f"{owned_prefix('orvanta-cells-')}a1b2"
+    killed = tmp_path / "orvanta-cells-999999999-5-x_9"  # no such pid
+    reused = tmp_path / f"orvanta-cells-{pid}-{int(started) - 1}-q"  # its pid, not its start
+    foreign = [tmp_path / f"orvanta-cells-{n}" for n in ("k3j_x9", "12-ab", "12-ab-c", "x-1-c")]
+    for path in (ours, killed, reused, *foreign):
+        path.mkdir()
+    assert ours.name.startswith(f"orvanta-cells-{pid}-{started}-")
+    assert sorted(dead_owned("orvanta-cells-")) == sorted([killed, reused])
