@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from conformance.canaries import PLANT_NEIGHBOUR, Canaries
+from conformance.leftovers import note
 from conformance.matrix import Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
+from conformance.platforms.session import owner_of
 from conformance.service import Service, scratch_postgres
 from runtime.executor import JobResult
 from runtime.jobs import QueuedJob
@@ -118,6 +121,7 @@ class CellSession:
         self._database_url: str | None = None
         self._cleanup = contextlib.ExitStack()
         self.neighbour_token = secrets.token_hex(8)
+        note(root, "token", self.neighbour_token)  # a killed run's next run removes its plants
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,6 +200,7 @@ class CellSession:
         whatever it may have left and put back any kernel setting it changed."""
         assert self.queue is not None, "cell not started"
         token = secrets.token_hex(8)
+        note(self.root, "token", token)
         env = self.canaries.job_env(token, self.matrix.limits_for(self.cell))
         env.update(self.platform.probe_env())
         nb = self.neighbour_token
@@ -310,6 +315,8 @@ class CellSession:
     def _spawn(self, name: str) -> tuple[WorkerProcess, Path]:
         log_path = self.root / f"{name}.log"
         proc = self.platform.spawn_worker(self._worker_env(), log_path, (self.canaries.fd,))
+        if isinstance(proc, subprocess.Popen):  # a worker on this host: a killed run's survives
+            note(self.root, "worker", owner_of(proc.pid))
         self.workers.append((proc, log_path))
         return proc, log_path
 

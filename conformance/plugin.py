@@ -22,9 +22,10 @@ import pytest
 
 from conformance.audit import AuditCollector
 from conformance.harness import CellSession
+from conformance.leftovers import CELLS_DIR, reap_dead_runs
 from conformance.matrix import BACKENDS, EXPECT_KINDS, Cell, Matrix, Probe, current_env_cell, load
 from conformance.platforms import finish, open_platform, prepare, unavailable
-from conformance.platforms.session import dead_owned, owned_prefix, start_session
+from conformance.platforms.session import owned_prefix, start_session
 from conformance.report.model import PLATFORM_MISSING
 from conformance.resources import suite_file
 from runtime.jobdir import remove_tree
@@ -32,7 +33,6 @@ from runtime.jobdir import remove_tree
 MATRIX_KEY = pytest.StashKey[Matrix]()
 ACTIVE_KEY = pytest.StashKey[bool]()
 SUITE_DIR = Path(__file__).resolve().parent
-CELLS_DIR = "orvanta-cells-"
 # every option of ours with its default: any other value asks for the suite
 DEFAULTS: dict[str, Any] = {
     "backend": "all",
@@ -233,8 +233,7 @@ def _drivers(config: pytest.Config) -> set[str]:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if active(session.config) and not hasattr(session.config, "workerinput"):
         prepare(_drivers(session.config))  # once, on the xdist controller
-        for left in dead_owned(CELLS_DIR):  # after prepare: their containers and guests are gone
-            remove_tree(left)
+        reap_dead_runs()  # after prepare: killed runs' containers and guests are gone
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

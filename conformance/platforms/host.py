@@ -25,6 +25,7 @@ import psutil
 
 from conformance.canaries import Canaries
 from conformance.matrix import ISOLATION_VARS
+from conformance.platforms.session import owned_prefix
 from conformance.platforms.spec import PlatformSpec
 
 USERNS_OFF = (
@@ -152,13 +153,14 @@ def kill_marked(marker: str) -> list[str]:
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+VICTIM = "orvanta-victim-"  # `<VICTIM><pid>-<start>-<random>`: its run's (conformance.leftovers)
 
 
 def make_victim_cgroup() -> Path | None:
     """A cgroup the harness owns, for probes to try to freeze, join or write (R-HOST-2)."""
     v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
     base = CGROUP_ROOT if v2 else CGROUP_ROOT / "freezer"
-    victim = base / f"orvanta-victim-{secrets.token_hex(4)}"
+    victim = base / f"{owned_prefix(VICTIM)}{secrets.token_hex(4)}"
     try:
         victim.mkdir()
     except OSError:

@@ -1,4 +1,5 @@
-"""Which pytest run owns a container: one id per run, `<controller pid>:<its start time>`.
+"""Which pytest run owns a container, a cells dir or a victim cgroup: one id per run,
+`<controller pid>:<its start time>`.
 
 The controller sets it before xdist starts its workers, which inherit it; a nested run
 (the audit tests start `orvanta audit`) sets its own, so it never reaps the outer run's
@@ -30,16 +31,22 @@ def alive(owner: str) -> bool:
     return pid.isdigit() and _start_time(int(pid)) == started
 
 
+def owner_of(pid: int) -> str:
+    """A live process's id in the form `alive` checks: its pid and its start time."""
+    return f"{pid}:{_start_time(pid)}"
+
+
 def owned_prefix(kind: str) -> str:
-    """A temporary directory's name prefix that says which run made it: `<kind><pid>-<start>-`."""
+    """A name prefix that says which run made the file: `<kind><pid>-<start>-`."""
     return f"{kind}{session().replace(':', '-')}-"
 
 
-def dead_owned(kind: str) -> list[Path]:
-    """Temporary directories named by owned_prefix(kind) whose run is gone (killed: kill -9
-    runs no teardown). Names of another shape are not ours to judge and are left alone."""
+def dead_owned(kind: str, where: Path | None = None) -> list[Path]:
+    """Entries of `where` (the temporary directory) named by owned_prefix(kind) whose run is
+    gone (killed: kill -9 runs no teardown). Names of another shape are not ours to judge
+    and are left alone."""
     found = []
-    for path in Path(tempfile.gettempdir()).glob(f"{kind}*"):
+    for path in (where or Path(tempfile.gettempdir())).glob(f"{kind}*"):
         pid, _, rest = path.name[len(kind) :].partition("-")
         started, dash, _ = rest.partition("-")
         if pid.isdigit() and started.isdigit() and dash and not alive(f"{pid}:{started}"):
