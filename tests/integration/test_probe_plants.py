@@ -1,0 +1,77 @@
+"""A two-stage probe whose plant found no room measured nothing: it must say so (an error with
+`not_measured`), never "blocked". A full /tmp or a used-up queue budget would otherwise read as
+isolation that holds (R-XJOB-1), which is false assurance.
+
+Each probe runs directly, as root, in namespaces this test makes (a mount or an IPC namespace
+of its own), where the room is taken away; nothing on the host changes. The same command with
+the room left is the control: there the plant works.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PROBES = Path(__file__).resolve().parents[2] / "fixtures" / "probes"
+MOUNT = "mount -t tmpfs -o"
+FULL, ROOM = f"{MOUNT} size=4k,nr_inodes=1 orvanta-full", f"{MOUNT} size=1m orvanta-room"
+# probe: (its namespace, the shell that takes its room away, the control's: room, never
+# the host's own /tmp or IPC)
+NO_ROOM = {
+    "leftover_tmp": (
+        ["--mount", "--propagation", "private"],
+        f"{FULL} /tmp && {FULL} /var/tmp",
+        f"{ROOM} /tmp && {ROOM} /var/tmp",
+    ),
+    "leftover_shm": (
+        ["--mount", "--propagation", "private"],
+        f"{FULL} /dev/shm",
+        f"{ROOM} /dev/shm",
+    ),
+    "leftover_sysv": (["--ipc"], "echo 0 > /proc/sys/kernel/shmmni", "true"),
+    "leftover_mqueue": (["--ipc"], "ulimit -q 0", "true"),  # the uid's RLIMIT_MSGQUEUE, used up
+}
+
+
+def plant(probe: str, take_room: bool) -> dict[str, object]:
+    namespace, no_room, room = NO_ROOM[probe]
+    script = f"{no_room if take_room else room} && exec {sys.executable} {PROBES / probe}.py"
+    proc = subprocess.run(
+        ["unshare", *namespace, "bash", "-c", script],
+        env={"PROBE_TOKEN": "0123456789abcdef", "PROBE_STAGE": "plant", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    verdict: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return verdict
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux unshare is not installed (scripts/setup installs it)")
+    assert subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() == "0", (
+        "these namespaces need root, as the suite does"
+    )
+
+
+@pytest.mark.req("R-XJOB-1")
+@pytest.mark.parametrize("probe", sorted(NO_ROOM))
+def test_a_plant_with_no_room_is_not_measured_not_blocked(probe: str) -> None:
+    control = plant(probe, take_room=False)
+    assert control["outcome"] == "blocked", control  # planted: the attack stage would look
+    assert "not_measured" not in json.dumps(control), control
+    full = plant(probe, take_room=True)
+    assert full["outcome"] == "error", full
+    evidence = full["evidence"]
+    assert isinstance(evidence, dict) and "no room" in str(evidence.get("not_measured")), full
