@@ -150,6 +150,7 @@ class CellSession:
                 900,
                 tag=self.tag,
             )
+            note(self.root, "job", self.neighbour_id)
             self._wait_running(self.neighbour_id)
             self._wait_ready(self._spawn("worker-b"))
 
@@ -247,6 +248,7 @@ class CellSession:
             )
         except ValueError as exc:
             return _refused(self.cell.backend, exc)
+        note(self.root, "job", job_id)  # a killed run's next run kills what is left of it
         job = self._wait(job_id, PROBE_TIMEOUT + 30)
         assert job.result is not None
         return job.result
@@ -258,6 +260,7 @@ class CellSession:
             job_id = self.queue.submit(language, self._script(script), {}, 30, tag=self.tag)
         except ValueError as exc:
             return _refused(self.cell.backend, exc)
+        note(self.root, "job", job_id)
         job = self._wait(job_id, 60)
         assert job.result is not None
         return job.result

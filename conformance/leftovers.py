@@ -6,14 +6,15 @@ A run killed with SIGKILL runs no teardown:
 - its neighbour's files and IPC objects stay in /tmp, /dev/shm and the kernel;
 - its cells dir and victim cgroups stay too.
 
-So each cell writes down, before it makes them, the workers it starts and the probe tokens
-it hands out (`note`, into a ledger in its own dir). Run dirs and victim cgroups carry
+So each cell writes down the workers it starts, the probe tokens it hands out and the
+jobs it submits (`note`, into a ledger in its own dir). Run dirs and victim cgroups carry
 their run's id in their names (`conformance.platforms.session.owned_prefix`).
 
 The next run reaps every run that is dead (`reap_dead_runs`), after its containers and
 guests are gone:
-- it stops the workers, by pid and start time: TERM, so that each removes its job's
-  mounts and cgroups, then KILL;
+- it stops the workers, by pid and start time: SIGTERM twice (the second stops the running
+  job as a cancel does, and the worker removes its mounts and cgroups), then SIGKILL;
+- it kills and removes what is left of the jobs' cgroups (a worker that had to be killed);
 - it removes what each token may have left (`cleanup_host`);
 - it removes the victim cgroups, then the dir.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import psutil
@@ -33,8 +35,9 @@ from runtime.jobdir import remove_tree
 log = logging.getLogger("orvanta.conformance")
 
 CELLS_DIR = "orvanta-cells-"  # a run's cells: `<tmp>/orvanta-cells-<pid>-<start>-<random>/`
-LEDGER = "left-on-host"  # in each cell's dir: `worker <pid>:<start>` and `token <hex>` lines
+LEDGER = "left-on-host"  # in each cell's dir: `worker <pid>:<start>`, `token <hex>`, `job <id>`
 STOP_SECONDS = 15.0  # a worker's grace to remove its job's mounts and cgroups
+AGAIN_SECONDS = 0.2  # between the two SIGTERMs: two pending at once would count as one
 
 
 def note(cell_root: Path, kind: str, value: str) -> None:
@@ -48,8 +51,10 @@ def reap_dead_runs() -> list[str]:
     objects of their tokens, their victim cgroups and their cells dirs. Returns what went."""
     removed: list[str] = []
     for run_dir in dead_owned(CELLS_DIR):
-        workers, tokens = _ledger(run_dir)
+        workers, tokens, jobs = _ledger(run_dir)
         removed += _stop(workers)
+        for job_id in jobs:
+            removed += _remove_job_groups(job_id)
         for token in tokens:
             removed += cleanup_host(token, None)
         remove_tree(run_dir)
@@ -63,10 +68,11 @@ def reap_dead_runs() -> list[str]:
     return removed
 
 
-def _ledger(run_dir: Path) -> tuple[list[str], list[str]]:
-    """The workers (`pid:start`) and the tokens the cells of a run wrote down."""
+def _ledger(run_dir: Path) -> tuple[list[str], list[str], list[str]]:
+    """The workers (`pid:start`), tokens and job ids the cells of a run wrote down."""
     workers: list[str] = []
     tokens: list[str] = []
+    jobs: list[str] = []
     for ledger in sorted(run_dir.glob(f"*/{LEDGER}")):
         with contextlib.suppress(OSError):
             for line in ledger.read_text().splitlines():
@@ -75,7 +81,9 @@ def _ledger(run_dir: Path) -> tuple[list[str], list[str]]:
                     workers.append(value)
                 elif kind == "token" and value.isalnum():  # it becomes part of glob patterns
                     tokens.append(value)
-    return workers, tokens
+                elif kind == "job" and value.isalnum():  # and of a cgroup's path
+                    jobs.append(value)
+    return workers, tokens, jobs
 
 
 def _stop(workers: list[str]) -> list[str]:
@@ -86,12 +94,26 @@ def _stop(workers: list[str]) -> list[str]:
         if alive(owner):
             with contextlib.suppress(psutil.Error):
                 procs.append(psutil.Process(int(pid)))
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
+    for _ in range(2):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        time.sleep(AGAIN_SECONDS if procs else 0)
     _, left = psutil.wait_procs(procs, timeout=STOP_SECONDS)
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(left, timeout=STOP_SECONDS)
     return [f"worker {proc.pid}" for proc in procs]
+
+
+def _remove_job_groups(job_id: str) -> list[str]:
+    """A job's cgroups in every hierarchy (runtime.cgroups.job_group), their processes killed."""
+    found = [CGROUP_ROOT / "orvanta" / f"job-{job_id}"]
+    found += CGROUP_ROOT.glob(f"*/orvanta/job-{job_id}")
+    removed = []
+    for group in found:
+        if group.is_dir():
+            remove_cgroup(group)
+            removed.append(str(group))
+    return removed

@@ -174,6 +174,14 @@ class QueueLink:
                 if held.spec is spec:
                     held.prepared = False
 
+    def cancel_running(self) -> None:
+        """Stop the running job as a cancel would (the worker is stopping now). Safe from a
+        signal handler on the job loop's thread: the lock is reentrant."""
+        with self._cond:
+            running = list(self._running.values())
+        for held in running:
+            held.cancel.set()
+
     def spawned(self) -> None:
         """The taken job is running (or will not): the link thread goes on with its work."""
         with self._cond:

@@ -132,13 +132,28 @@ class Worker:
         self._rejected: str | None = None
         self.tags = runner.settings.worker_tags
         self.failed = False  # stopped by an error no retry can fix
+        self._link: QueueLink | None = None  # while serving: a second signal cancels its job
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM or SIGINT: stop after the current job. A second one: stop it now, as a
+        cancel does (every process of it killed, recorded canceled), and leave nothing."""
+
         def stop(signum: int, _frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if self.stopping.is_set():
+                log.warning(
+                    "worker %s: %s received again: canceling the running job, stopping now",
+                    self.name,
+                    name,
+                )
+                if self._link is not None:
+                    self._link.cancel_running()
+                return
             log.info(
-                "worker %s: %s received, stopping after the current job",
+                "worker %s: %s received, stopping after the current job (send it again to "
+                "stop that job now)",
                 self.name,
-                signal.Signals(signum).name,
+                name,
             )
             self.stopping.set()
 
@@ -164,6 +179,7 @@ class Worker:
             max_jobs,
         )
         upcoming = Upcoming(link.peek, link.let_go)
+        self._link = link
 
         def idle() -> None:
             """No job to run yet: one prepared ahead is not coming (canceled, or its lease
@@ -190,6 +206,7 @@ class Worker:
                 try:
                     link.close()
                 finally:
+                    self._link = None
                     self.runner.settle()  # a stopped worker leaves no dir, cgroup or id behind
         if link.fatal is not None:
             self.failed = True

@@ -131,14 +131,27 @@ def victims_of(pid: int) -> list[Path]:
     ]
 
 
-def ledger_of(pid: int) -> tuple[list[str], list[str]]:
+def ledger_of(pid: int, kind: str) -> list[str]:
     lines = [
         line.split(" ", 1)
         for run in cells_dirs_of(pid)
         for ledger in run.glob(f"*/{LEDGER}")
         for line in ledger.read_text().splitlines()
     ]
-    return [v for k, v in lines if k == "worker"], [v for k, v in lines if k == "token"]
+    return [value for k, value in lines if k == kind]
+
+
+def job_groups(job_ids: list[str]) -> list[Path]:
+    """The jobs' cgroups (runtime.cgroups.job_group), in every hierarchy."""
+    return [
+        group
+        for job_id in job_ids
+        for group in [
+            CGROUP_ROOT / "orvanta" / f"job-{job_id}",
+            *CGROUP_ROOT.glob(f"*/orvanta/job-{job_id}"),
+        ]
+        if group.is_dir()
+    ]
 
 
 def sysv_keys() -> str:
@@ -163,7 +176,7 @@ def test_the_next_run_removes_what_a_killed_run_left_on_the_host() -> None:
     try:
         end = time.monotonic() + 180
         while time.monotonic() < end:
-            workers, tokens = ledger_of(run.pid)
+            workers, tokens = ledger_of(run.pid, "worker"), ledger_of(run.pid, "token")
             neighbour = next((token for token in tokens if planted(token)), None)
             if len(workers) >= 2 and neighbour is not None:
                 break  # the cell's two workers started, and its neighbour planted
@@ -174,9 +187,12 @@ def test_the_next_run_removes_what_a_killed_run_left_on_the_host() -> None:
     finally:
         run.kill()
         run.wait(30)
-    # the positive control: kill -9 leaves all of it
+    # the positive control: kill -9 leaves all of it, the neighbour job (15 min) running
+    jobs = ledger_of(run.pid, "job")
     assert all(alive(w) for w in workers), "the killed run's workers are not running"
     assert planted(neighbour) and cells_dirs_of(run.pid) and victims_of(run.pid)
+    assert any((group / "cgroup.procs").read_text().split() for group in job_groups(jobs))
+    reaped = time.monotonic()
     subprocess.run(
         [sys.executable, "-m", "pytest", *HOST, "--collect-only"],
         cwd=ROOT,
@@ -185,7 +201,9 @@ def test_the_next_run_removes_what_a_killed_run_left_on_the_host() -> None:
         check=True,
         timeout=120,
     )
+    assert time.monotonic() - reaped < 30, "the workers were not stopped at once"
     assert [w for w in workers if alive(w)] == []
+    assert job_groups(jobs) == []
     assert not Path(f"/dev/shm/orvanta-neighbour-{neighbour}").exists()
     assert f"{int(neighbour[:7], 16) | 0x4F000000:#010x}" not in sysv_keys()
     assert cells_dirs_of(run.pid) == [] and victims_of(run.pid) == []
