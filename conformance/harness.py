@@ -129,6 +129,9 @@ class CellSession:
         if self.agent:
             self._start_service()
         self.platform.start(self.root)
+        victim = self.platform.probe_env().get("CANARY_CGROUP")
+        if victim and Path(victim).is_dir():  # a group on this host (not a guest's)
+            note(self.root, "victim", victim)
         self.platform.listen(self.canaries)
         first = self._spawn("worker-a")
         if self.cell.kind == "refuses_start":

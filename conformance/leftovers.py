@@ -6,9 +6,10 @@ A run killed with SIGKILL runs no teardown:
 - its neighbour's files and IPC objects stay in /tmp, /dev/shm and the kernel;
 - its cells dir and victim cgroups stay too.
 
-So each cell writes down the workers it starts, the probe tokens it hands out and the
-jobs it submits (`note`, into a ledger in its own dir). Run dirs and victim cgroups carry
-their run's id in their names (`conformance.platforms.session.owned_prefix`).
+So each cell writes down the workers it starts, the probe tokens it hands out, the jobs
+it submits and its victim cgroup (`note`, into a ledger in its own dir). Run dirs carry
+their run's id in their names (`conformance.platforms.session.owned_prefix`), and so do
+victim cgroups, for a reader's sake.
 
 The next run reaps every run that is dead (`reap_dead_runs`), after its containers and
 guests are gone:
@@ -23,7 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
+import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -35,7 +40,8 @@ from runtime.jobdir import remove_tree
 log = logging.getLogger("orvanta.conformance")
 
 CELLS_DIR = "orvanta-cells-"  # a run's cells: `<tmp>/orvanta-cells-<pid>-<start>-<random>/`
-LEDGER = "left-on-host"  # in each cell's dir: `worker <pid>:<start>`, `token <hex>`, `job <id>`
+LEDGER = "left-on-host"  # in each cell's dir: `worker <pid>:<start>`, `token <hex>`, `job <id>`,
+# `victim <cgroup path>`
 STOP_SECONDS = 15.0  # a worker's grace to remove its job's mounts and cgroups
 AGAIN_SECONDS = 0.2  # between the two SIGTERMs: two pending at once would count as one
 
@@ -47,53 +53,76 @@ def note(cell_root: Path, kind: str, value: str) -> None:
 
 
 def reap_dead_runs() -> list[str]:
-    """Remove what runs that are no longer alive left: their workers, the files and IPC
-    objects of their tokens, their victim cgroups and their cells dirs. Returns what went."""
+    """Remove what runs that are no longer alive left: their workers, their jobs' cgroups,
+    the files and IPC objects of their tokens, their victim cgroups and their cells dirs.
+    Only a dir and ledger this user owns (never through a symlink) are read, and only
+    entries of the exact shape this module writes are acted on: /tmp is everyone's."""
     removed: list[str] = []
     for run_dir in dead_owned(CELLS_DIR):
-        workers, tokens, jobs = _ledger(run_dir)
-        removed += _stop(workers)
-        for job_id in jobs:
+        if not _own(run_dir, stat.S_ISDIR):
+            continue
+        entries = _ledger(run_dir)
+        removed += _stop(entries["worker"])
+        for job_id in entries["job"]:
             removed += _remove_job_groups(job_id)
-        for token in tokens:
+        for token in entries["token"]:
             removed += cleanup_host(token, None)
+        for victim in entries["victim"]:
+            if Path(victim).is_dir():
+                remove_cgroup(Path(victim))
+                removed.append(victim)
         remove_tree(run_dir)
         removed.append(str(run_dir))
-    for base in (CGROUP_ROOT, CGROUP_ROOT / "freezer"):
-        for group in dead_owned(VICTIM, base) if base.is_dir() else []:
-            remove_cgroup(group)
-            removed.append(str(group))
     if removed:
         log.warning("removed what killed runs left on this host: %s", removed)
     return removed
 
 
-def _ledger(run_dir: Path) -> tuple[list[str], list[str], list[str]]:
-    """The workers (`pid:start`), tokens and job ids the cells of a run wrote down."""
-    workers: list[str] = []
-    tokens: list[str] = []
-    jobs: list[str] = []
-    for ledger in sorted(run_dir.glob(f"*/{LEDGER}")):
-        with contextlib.suppress(OSError):
-            for line in ledger.read_text().splitlines():
-                kind, _, value = line.partition(" ")
-                if kind == "worker":
-                    workers.append(value)
-                elif kind == "token" and value.isalnum():  # it becomes part of glob patterns
-                    tokens.append(value)
-                elif kind == "job" and value.isalnum():  # and of a cgroup's path
-                    jobs.append(value)
-    return workers, tokens, jobs
+HEX_ID = re.compile(r"[0-9a-f]{16}")  # a probe token or a job id
+SHAPES = {
+    "worker": re.compile(r"\d+:\d+"),
+    "token": HEX_ID,
+    "job": HEX_ID,
+    "victim": re.compile(rf"{re.escape(str(CGROUP_ROOT))}/(freezer/)?{VICTIM}[0-9a-f-]+"),
+}
+
+
+def _own(path: Path, kind: Callable[[int], bool]) -> bool:
+    """`path` itself (not a link's target) is of `kind` and belongs to this user."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return kind(info.st_mode) and info.st_uid == os.geteuid()
+
+
+def _ledger(run_dir: Path) -> dict[str, list[str]]:
+    """What the cells of a run wrote down, by kind; lines of any other shape are ignored."""
+    found: dict[str, list[str]] = {kind: [] for kind in SHAPES}
+    with contextlib.suppress(OSError):
+        for cell in sorted(run_dir.iterdir()):
+            ledger = cell / LEDGER
+            if not (_own(cell, stat.S_ISDIR) and _own(ledger, stat.S_ISREG)):
+                continue
+            with contextlib.suppress(OSError):
+                for line in ledger.read_text().splitlines():
+                    kind, _, value = line.partition(" ")
+                    if kind in SHAPES and SHAPES[kind].fullmatch(value):
+                        found[kind].append(value)
+    return found
 
 
 def _stop(workers: list[str]) -> list[str]:
-    """TERM each worker that is still the process written down, wait, then KILL the rest."""
+    """SIGTERM twice each worker that is still the process written down (its pid, its start
+    time, a worker's command line), then SIGKILL what is left after STOP_SECONDS."""
     procs = []
     for owner in workers:
-        pid = owner.partition(":")[0]
-        if alive(owner):
-            with contextlib.suppress(psutil.Error):
-                procs.append(psutil.Process(int(pid)))
+        if not alive(owner):
+            continue
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(int(owner.partition(":")[0]))
+            if {"runtime.cli", "worker"} <= set(proc.cmdline()):
+                procs.append(proc)
     for _ in range(2):
         for proc in procs:
             with contextlib.suppress(psutil.Error):

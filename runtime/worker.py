@@ -135,14 +135,15 @@ class Worker:
         self._link: QueueLink | None = None  # while serving: a second signal cancels its job
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM or SIGINT: stop after the current job. A second one: stop it now, as a
-        cancel does (every process of it killed, recorded canceled), and leave nothing."""
+        """SIGTERM or SIGINT: stop after the current job. A second one: stop it now (every
+        process of it killed, nothing of it left) and record nothing, so that it runs again
+        on another worker once its lease lapses: a stop is not the job's cancel."""
 
         def stop(signum: int, _frame: FrameType | None) -> None:
             name = signal.Signals(signum).name
             if self.stopping.is_set():
                 log.warning(
-                    "worker %s: %s received again: canceling the running job, stopping now",
+                    "worker %s: %s received again: stopping the running job now",
                     self.name,
                     name,
                 )
@@ -195,7 +196,10 @@ class Worker:
                 if held is None:
                     break
                 result = self._run(held, link.spawned, upcoming)
-                link.post(held, result, last=self.stopping.is_set())  # and logged there
+                if held.abandoned and result.status == "canceled":
+                    link.abandon(held)  # a second signal stopped it: it runs again elsewhere
+                else:
+                    link.post(held, result, last=self.stopping.is_set())  # and logged there
                 done += 1
         finally:
             try:
@@ -225,6 +229,7 @@ class Worker:
             return self.runner.run(held.spec, held.settings, held.cancel, spawned, upcoming)
         except Exception as exc:
             log.exception("job %s: the worker could not run it", held.spec.id)
+            spawned()  # none will come: the queue thread goes on at once
             return JobResult(
                 held.spec.id, "unknown", "error", None, 0.0, "", str(exc), [f"error: {exc}"]
             )

@@ -267,9 +267,10 @@ def test_a_second_signal_stops_the_running_job_now_and_leaves_nothing(
     state_dir: Path,
     marker: str,
 ) -> None:
-    """SIGTERM lets the running job finish; a second one stops it as a cancel does: every
-    process of it killed, recorded canceled, its dir and cgroup gone, the worker exited.
-    Without it a job as long as the harness's neighbour (15 min) kept its worker, and a
+    """SIGTERM lets the running job finish; a second one stops it now: every process of it
+    killed, its dir and cgroup gone, the worker exited. Its result is not recorded (a stop
+    is not a cancel): it stays the worker's until its lease lapses and another runs it.
+    Without it, a job as long as the harness's neighbour (15 min) kept its worker, and a
     worker killed after a grace left the job running with no worker at all."""
     worker = start_worker("w-a")
     job_id = queue.submit("python3", LONG.format(marker=marker, seconds=300))
@@ -280,15 +281,15 @@ def test_a_second_signal_stops_the_running_job_now_and_leaves_nothing(
     assert worker.proc.poll() is None and processes_with(marker), "the first stopped the job"
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(20) == 0, worker.output()
-    done = queue.get(job_id)
-    assert done is not None and done.result is not None, worker.output()
-    assert done.result.status == "canceled", done.result
     assert processes_with(marker) == []
     jobs_root = Settings(state_dir=state_dir).job_root
     assert job_dirs_left(jobs_root, within=0) == []
     assert not list(Path("/sys/fs/cgroup").glob(f"*/orvanta/job-{job_id}"))
     assert not Path(f"/sys/fs/cgroup/orvanta/job-{job_id}").exists()
-    assert "received again: canceling the running job" in worker.output()
+    job = queue.get(job_id)
+    assert job is not None and (job.status, job.result, job.attempts) == ("running", None, 1)
+    assert "received again: stopping the running job now" in worker.output()
+    assert f"job {job_id}: stopped with the worker and not recorded" in worker.output()
 
 
 @pytest.mark.req("R-JOB-3")
