@@ -13,8 +13,9 @@ victim cgroups, for a reader's sake.
 
 The next run reaps every run that is dead (`reap_dead_runs`), after its containers and
 guests are gone:
-- it stops the workers, by pid and start time: SIGTERM twice (the second stops the running
-  job as a cancel does, and the worker removes its mounts and cgroups), then SIGKILL;
+- it stops the workers of all of them at once, by pid and start time: SIGTERM, again until
+  they exit (the second stops the running job, and the worker removes its mounts and
+  cgroups), then SIGKILL;
 - it kills and removes what is left of the jobs' cgroups (a worker that had to be killed);
 - it removes what each token may have left (`cleanup_host`);
 - it removes the victim cgroups, then the dir.
@@ -43,7 +44,7 @@ CELLS_DIR = "orvanta-cells-"  # a run's cells: `<tmp>/orvanta-cells-<pid>-<start
 LEDGER = "left-on-host"  # in each cell's dir: `worker <pid>:<start>`, `token <hex>`, `job <id>`,
 # `victim <cgroup path>`
 STOP_SECONDS = 15.0  # a worker's grace to remove its job's mounts and cgroups
-AGAIN_SECONDS = 0.2  # between the two SIGTERMs: two pending at once would count as one
+AGAIN_SECONDS = 0.2  # between SIGTERMs: two pending at once would count as one
 
 
 def note(cell_root: Path, kind: str, value: str) -> None:
@@ -58,11 +59,9 @@ def reap_dead_runs() -> list[str]:
     Only a dir and ledger this user owns (never through a symlink) are read, and only
     entries of the exact shape this module writes are acted on: /tmp is everyone's."""
     removed: list[str] = []
-    for run_dir in dead_owned(CELLS_DIR):
-        if not _own(run_dir, stat.S_ISDIR):
-            continue
-        entries = _ledger(run_dir)
-        removed += _stop(entries["worker"])
+    dead = {run: _ledger(run) for run in dead_owned(CELLS_DIR) if _own(run, stat.S_ISDIR)}
+    removed += _stop([w for entries in dead.values() for w in entries["worker"]])  # all at once
+    for run_dir, entries in dead.items():
         for job_id in entries["job"]:
             removed += _remove_job_groups(job_id)
         for token in entries["token"]:
@@ -113,8 +112,9 @@ def _ledger(run_dir: Path) -> dict[str, list[str]]:
 
 
 def _stop(workers: list[str]) -> list[str]:
-    """SIGTERM twice each worker that is still the process written down (its pid, its start
-    time, a worker's command line), then SIGKILL what is left after STOP_SECONDS."""
+    """SIGTERM each worker that is still the process written down (its pid, its start time,
+    a worker's command line) every AGAIN_SECONDS: the second stops its running job. What is
+    left after STOP_SECONDS gets SIGKILL."""
     procs = []
     for owner in workers:
         if not alive(owner):
@@ -123,12 +123,13 @@ def _stop(workers: list[str]) -> list[str]:
             proc = psutil.Process(int(owner.partition(":")[0]))
             if {"runtime.cli", "worker"} <= set(proc.cmdline()):
                 procs.append(proc)
-    for _ in range(2):
-        for proc in procs:
+    left = procs
+    end = time.monotonic() + STOP_SECONDS
+    while left and time.monotonic() < end:  # again and again: two pending at once are one
+        for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
-        time.sleep(AGAIN_SECONDS if procs else 0)
-    _, left = psutil.wait_procs(procs, timeout=STOP_SECONDS)
+        _, left = psutil.wait_procs(left, timeout=AGAIN_SECONDS)
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,10 +40,14 @@ NO_ROOM = {
 
 
 def plant(probe: str, take_room: bool) -> dict[str, object]:
+    """The probe's plant stage, read from stdin by the host's python3: the checkout (and its
+    venv) may itself be under the /tmp this test mounts over."""
     namespace, no_room, room = NO_ROOM[probe]
-    script = f"{no_room if take_room else room} && exec {sys.executable} {PROBES / probe}.py"
+    python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+    script = f"{no_room if take_room else room} && exec {python} -"
     proc = subprocess.run(
         ["unshare", *namespace, "bash", "-c", script],
+        input=(PROBES / f"{probe}.py").read_text(),
         env={"PROBE_TOKEN": "0123456789abcdef", "PROBE_STAGE": "plant", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
