@@ -129,12 +129,24 @@ def _stop(workers: list[str]) -> list[str]:
         for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
-        _, left = psutil.wait_procs(left, timeout=AGAIN_SECONDS)
+        time.sleep(AGAIN_SECONDS)
+        left = [proc for proc in left if _running(proc)]
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(left, timeout=STOP_SECONDS)
+    while left and time.monotonic() < end + STOP_SECONDS:
+        time.sleep(AGAIN_SECONDS)
+        left = [proc for proc in left if _running(proc)]
     return [f"worker {proc.pid}" for proc in procs]
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Not ended: a killed run's worker is nobody's child here, and may stay a zombie (its
+    new parent a subreaper that never waits for it), which psutil would wait for in vain."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _remove_job_groups(job_id: str) -> list[str]:

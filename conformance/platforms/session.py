@@ -59,4 +59,6 @@ def _start_time(pid: int) -> str:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return "gone"
-    return stat[stat.rfind(")") + 2 :].split()[19]
+    fields = stat[stat.rfind(")") + 2 :].split()
+    # a zombie has ended: whoever should reap it (a subreaper that never waits) may not
+    return "gone" if fields[0] == "Z" else fields[19]
