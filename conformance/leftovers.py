@@ -59,19 +59,22 @@ def reap_dead_runs() -> list[str]:
     Only a dir and ledger this user owns (never through a symlink) are read, and only
     entries of the exact shape this module writes are acted on: /tmp is everyone's."""
     removed: list[str] = []
-    dead = {run: _ledger(run) for run in dead_owned(CELLS_DIR) if _own(run, stat.S_ISDIR)}
-    removed += _stop([w for entries in dead.values() for w in entries["worker"]])  # all at once
-    for run_dir, entries in dead.items():
-        for job_id in entries["job"]:
-            removed += _remove_job_groups(job_id)
-        for token in entries["token"]:
-            removed += cleanup_host(token, None)
-        for victim in entries["victim"]:
-            if Path(victim).is_dir():
-                remove_cgroup(Path(victim))
-                removed.append(victim)
-        remove_tree(run_dir)
-        removed.append(str(run_dir))
+    try:  # never the run's own failure: what cannot go now, the next run tries again
+        dead = {run: _ledger(run) for run in dead_owned(CELLS_DIR) if _own(run, stat.S_ISDIR)}
+        removed += _stop([w for entries in dead.values() for w in entries["worker"]])
+        for run_dir, entries in dead.items():
+            for job_id in entries["job"]:
+                removed += _remove_job_groups(job_id)
+            for token in entries["token"]:
+                removed += cleanup_host(token, None)
+            for victim in entries["victim"]:
+                if Path(victim).is_dir():
+                    remove_cgroup(Path(victim))
+                    removed.append(victim)
+            remove_tree(run_dir)
+            removed.append(str(run_dir))
+    except Exception:
+        log.exception("removing what killed runs left failed; the next run tries again")
     if removed:
         log.warning("removed what killed runs left on this host: %s", removed)
     return removed

@@ -206,7 +206,8 @@ def cleanup_host(token: str, victim: Path | None) -> list[str]:
     if mq_unlink(f"/orvanta-leftover-{token}") or mq_unlink(f"/orvanta-neighbour-{token}"):
         removed.append(f"POSIX message queue of {token}")
     key = int(token[:7], 16) | 0x4F000000  # the SysV key leftover_sysv derives from its token
-    if subprocess.run(["ipcrm", "-M", str(key)], capture_output=True, check=False).returncode == 0:
+    ipcrm = shutil.which("ipcrm", path=f"{os.environ.get('PATH', '')}:/usr/bin:/bin") or "ipcrm"
+    if subprocess.run([ipcrm, "-M", str(key)], capture_output=True, check=False).returncode == 0:
         removed.append(f"SysV shm key {key:#x}")
     # at the top, or below a job's own group where a runtime under test failed to remove it
     places = [
