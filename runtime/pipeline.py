@@ -188,6 +188,7 @@ class QueueLink:
         """Let go of a job stopped with the worker, recording nothing: its lease lapses and
         another worker runs it again, as after a killed worker (nothing of it left running)."""
         with self._cond:
+            self._claiming = False  # the worker is stopping, as after a last `post`
             self._running.pop(held.spec.id, None)
             held.cancel.close()
         log.warning(

@@ -41,12 +41,11 @@ def owned_prefix(kind: str) -> str:
     return f"{kind}{session().replace(':', '-')}-"
 
 
-def dead_owned(kind: str, where: Path | None = None) -> list[Path]:
-    """Entries of `where` (the temporary directory) named by owned_prefix(kind) whose run is
-    gone (killed: kill -9 runs no teardown). Names of another shape are not ours to judge
-    and are left alone."""
+def dead_owned(kind: str) -> list[Path]:
+    """Temporary directories named by owned_prefix(kind) whose run is gone (killed: kill -9
+    runs no teardown). Names of another shape are not ours to judge and are left alone."""
     found = []
-    for path in (where or Path(tempfile.gettempdir())).glob(f"{kind}*"):
+    for path in Path(tempfile.gettempdir()).glob(f"{kind}*"):
         pid, _, rest = path.name[len(kind) :].partition("-")
         started, dash, _ = rest.partition("-")
         if pid.isdigit() and started.isdigit() and dash and not alive(f"{pid}:{started}"):
