@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conformance.canaries import PLANT_NEIGHBOUR, Canaries
+from conformance.canaries import NEEDS_NEIGHBOUR, NEIGHBOUR_NO_ROOM, PLANT_NEIGHBOUR, Canaries
 from conformance.leftovers import note
 from conformance.matrix import Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
@@ -47,7 +47,7 @@ LIMIT_VARS = {
 # The concurrently running job: it leaves data in its dir and, where its sandbox lets it, in
 # /tmp, /dev/shm, a SysV segment and a POSIX queue, for neighbour_files and neighbour_ipc.
 NEIGHBOUR = (
-    'import ctypes, ctypes.util, os, sys\ntoken = os.environ["NEIGHBOUR_TOKEN"]\n'
+    'import ctypes, ctypes.util, errno, json, os, sys\ntoken = os.environ["NEIGHBOUR_TOKEN"]\n'
     + PLANT_NEIGHBOUR
     + 'argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]\n'
     + "os.execv(sys.executable, argv)\n"
@@ -240,6 +240,9 @@ class CellSession:
             env.update({"PROBE_SERVER_URL": self.service.url, "PROBE_OTHER_JOB": self.other_job})
         volume = self.state_dir / "volumes" / "default" / probe.name
         env["PROBE_VOLUME_HOST"] = str(volume)
+        gone = self._neighbour_gone(probe)
+        if gone is not None:  # its canaries may be gone too: nothing to measure against
+            return ProbeRun(self.cell.id, probe.name, gone[0], gone[1], [])
         kernel = _read_all(KERNEL_SETTINGS)
         try:
             if probe.stages == 2:
@@ -252,11 +255,37 @@ class CellSession:
             result = self._probe_job(probe, env)
             verdict = parse_verdict(result.stdout) or _refusal(probe, result)
             survivors = self.platform.survivors(token)
+            gone = self._neighbour_gone(probe)
+            if gone is not None and (verdict or {}).get("outcome") != "exposed":
+                verdict = gone[1]  # "blocked" may only mean its canaries had gone meanwhile
         finally:
             self.platform.cleanup(token)
             _restore(kernel)
             _restore_volume(volume)
         return ProbeRun(self.cell.id, probe.name, result, verdict, survivors)
+
+    def _neighbour_gone(self, probe: Probe) -> tuple[JobResult, dict[str, Any]] | None:
+        """For a probe that reads the neighbour's canaries, once the neighbour job is no longer
+        running: its record and an error verdict. A neighbour that found no room to plant
+        exits (NEIGHBOUR_NO_ROOM) instead of leaving channels that read as closed."""
+        if probe.name not in NEEDS_NEIGHBOUR or self.neighbour_id is None or self.queue is None:
+            return None
+        job = self.queue.get(self.neighbour_id)
+        if job is not None and job.status != "done":
+            return None
+        result = job.result if job is not None else None
+        if result is None:
+            result = JobResult(self.neighbour_id, self.cell.backend, "error", None, 0.0, "", "", [])
+        said = (result.stdout + result.stderr).strip()[-600:] or "no output"
+        why = "no room to plant" if result.exit_code == NEIGHBOUR_NO_ROOM else result.status
+        verdict = {
+            "probe": probe.name,
+            "outcome": "error",
+            "not_measured": f"the neighbour job {self.neighbour_id} ended ({why}, exit "
+            f"{result.exit_code}) before this probe was done: its canaries may be gone",
+            "evidence": said,
+        }
+        return result, verdict
 
     def _probe_job(self, probe: Probe, env: dict[str, str]) -> JobResult:
         """One job of the probe; a submission the queue refuses is the runtime's answer too.

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from conformance.canaries import MARKER, Canaries
+from conformance.canaries import MARKER, NEEDS_NEIGHBOUR, NEIGHBOUR_NO_ROOM, Canaries
 from conformance.harness import parse_verdict
 from conformance.matrix import Matrix
 from conformance.remote_api import AdminAPI, Submitted
@@ -27,7 +27,6 @@ from conformance.remote_jobs import (
     LITTER_REASON,
     LITTERS,
     MARK_VAR,
-    NEEDS_NEIGHBOUR,
     PROBE_TIMEOUT,
     SCANS,
     STOPPER,
@@ -154,8 +153,17 @@ class TagAudit:
                 self.result.notes.append("the neighbour job was never claimed")
                 return
             time.sleep(NEIGHBOUR_SETTLE)
-            if self.api.job(job.id)["status"] != "done":
+            record = self.api.job(job.id)
+            if record["status"] != "done":
                 self.neighbour = job.id
+                return
+            result = record.get("result") or {}
+            if result.get("exit_code") == NEIGHBOUR_NO_ROOM:  # not a port: trying again won't help
+                out = (result.get("stdout") or "").strip().splitlines()
+                self.result.notes.append(
+                    f"the neighbour job found no room to plant its canaries, so nothing a "
+                    f"probe fails to find of them proves anything: {out[-1] if out else ''}"
+                )
                 return
         self.result.notes.append("the neighbour job could not bind a loopback port")
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conformance.canaries import NEIGHBOUR_NO_ROOM, PLANT_NEIGHBOUR
+from conformance.platforms.host import cleanup_host
+
 pytestmark = pytest.mark.integration
 
 PROBES = Path(__file__).resolve().parents[2] / "fixtures" / "probes"
@@ -78,3 +81,51 @@ def test_a_plant_with_no_room_is_not_measured_not_blocked(probe: str) -> None:
     assert full["outcome"] == "error", full
     evidence = full["evidence"]
     assert isinstance(evidence, dict) and "no room" in str(evidence.get("not_measured")), full
+
+
+# The neighbour's plant (conformance.canaries.PLANT_NEIGHBOUR), with the room of one channel
+# taken away as above: which channel's plant says so.
+NEIGHBOUR_CHANNEL = {
+    "leftover_tmp": "/tmp/orvanta-neighbour-0123456789abcdef",
+    "leftover_shm": "/dev/shm/orvanta-neighbour-0123456789abcdef",
+    "leftover_sysv": "sysv",
+    "leftover_mqueue": "mqueue",
+}
+
+
+@pytest.mark.req("R-XJOB-1")
+@pytest.mark.parametrize("room", sorted(NEIGHBOUR_CHANNEL))
+def test_a_neighbour_with_no_room_to_plant_exits_and_says_which(room: str, tmp_path: Path) -> None:
+    """A neighbour job whose canary found no room exits NEIGHBOUR_NO_ROOM, naming the channel,
+    where before it slept on: probes then read its missing canary as a closed channel."""
+    namespace, no_room, with_room = NO_ROOM[room]
+    python = shutil.which("python3", path="/usr/bin:/bin") or "python3"
+    script = (
+        'import ctypes, ctypes.util, errno, json, os, sys\ntoken = "0123456789abcdef"\n'
+        + PLANT_NEIGHBOUR
+        + 'print("planted")\n'
+    )
+
+    def neighbour(take_room: bool) -> subprocess.CompletedProcess[str]:
+        shell = f"{no_room if take_room else with_room} && exec {python} -"
+        return subprocess.run(
+            ["unshare", *namespace, "bash", "-c", shell],
+            input=script,
+            cwd=tmp_path,  # its neighbour.txt: the job dir stands here
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    control = neighbour(take_room=False)
+    try:
+        assert control.returncode == 0 and control.stdout.strip() == "planted", control
+    finally:  # its plants in the host's /tmp, /dev/shm or IPC where this namespace has none
+        cleanup_host("0123456789abcdef", None)
+    full = neighbour(take_room=True)
+    cleanup_host("0123456789abcdef", None)
+    assert full.returncode == NEIGHBOUR_NO_ROOM, full
+    report = json.loads(full.stdout.strip().splitlines()[-1])
+    assert list(report["no_room"]) == [NEIGHBOUR_CHANNEL[room]], report
