@@ -28,15 +28,11 @@ from conformance.platforms import Platform, WorkerProcess
 from conformance.platforms.session import owner_of
 from conformance.service import Service, scratch_postgres
 from runtime.executor import JobResult
-from runtime.jobs import QueuedJob
 from runtime.queue import JobQueue
-from runtime.store.errors import JobNotFound
 
 READY_LINE = "pulling jobs from"
 START_TIMEOUT = 60.0
 PROBE_TIMEOUT = 60.0
-MISSING_GRACE = 2.0  # seconds a just-submitted job may read as missing (see CellSession._wait)
-UNLOCKED_QUEUE_SETTLE = 1.0  # quiet after a gVisor cell's start (`_settle_unlocked_queue`)
 LIMIT_VARS = {
     "memory_mb": "ORVANTA_JOB_MEMORY_MB",
     "pids": "ORVANTA_JOB_PIDS",
@@ -145,7 +141,7 @@ class CellSession:
                 ) from exc
             return
         self._wait_ready(first)
-        self.queue = JobQueue.open(self._database_url, self.state_dir)
+        self.queue = JobQueue(self.platform.queue_database(self._database_url, self.state_dir))
         if self.cell.kind == "table":
             self.neighbour_id = self.queue.submit(
                 "python3",
@@ -157,25 +153,6 @@ class CellSession:
             note(self.root, "job", self.neighbour_id)
             self._wait_running(self.neighbour_id)
             self._wait_ready(self._spawn("worker-b"))
-        self._settle_unlocked_queue()
-
-    def _unlocked_queue(self) -> bool:
-        """The workers run under gVisor, whose file locks the host does not see."""
-        return bool(getattr(self.platform.spec.options, "runtime", "") == "runsc")
-
-    def _settle_unlocked_queue(self) -> None:
-        """Under gVisor the workers' SQLite locks are the Sentry's alone: the host's are not
-        shared with them (checked: an fcntl lock taken in a runsc container does not stop
-        the host), so a host write that meets a worker's start-up writes can lose one of
-        them. Every such loss seen in CI was the cell's first probe. So the first probe waits
-        until the host sees every worker's first heartbeat, and a moment more. This makes
-        the race rarer; it does not make the shared file sound (see the README)."""
-        if not self._unlocked_queue() or self.queue is None:
-            return
-        end = time.monotonic() + START_TIMEOUT
-        while len(self.queue.live_workers()) < len(self.workers) and time.monotonic() < end:
-            time.sleep(0.1)
-        time.sleep(UNLOCKED_QUEUE_SETTLE)
 
     def close(self) -> None:
         if self.queue is not None and self.neighbour_id is not None:
@@ -288,37 +265,22 @@ class CellSession:
         return result, verdict
 
     def _probe_job(self, probe: Probe, env: dict[str, str]) -> JobResult:
-        """One job of the probe; a submission the queue refuses is the runtime's answer too.
-        Where the queue file has no lock shared with the workers (gVisor:
-        `_settle_unlocked_queue`), a job the queue lost (missing, or never seen claimed) is
-        submitted once more, and its log says so: the probe is measured, never skipped."""
+        """One job of the probe; a submission the queue refuses is the runtime's answer too."""
         assert self.queue is not None
-        for attempt in (1, 2):
-            try:
-                job_id = self.queue.submit(
-                    probe.language,
-                    self._script(probe.script.read_text()),
-                    env,
-                    PROBE_TIMEOUT,
-                    tag=self.tag,
-                )
-            except ValueError as exc:
-                return _refused(self.cell.backend, exc)
-            note(self.root, "job", job_id)  # a killed run's next run kills what is left of it
-            try:
-                job = self._wait(job_id, PROBE_TIMEOUT + 30)
-            except (JobNotFound, TimeoutError) as exc:
-                if attempt == 2 or not self._unlocked_queue():
-                    raise
-                lost = f"harness: job {job_id} was lost by the queue shared with gVisor ({exc})"
-                with contextlib.suppress(Exception):  # should it turn up: it must not run
-                    self.queue.cancel(job_id)
-                continue
-            assert job.result is not None
-            if attempt == 2:
-                job.result.log.append(f"{lost}; this is its second submission")
-            return job.result
-        raise AssertionError("unreachable")
+        try:
+            job_id = self.queue.submit(
+                probe.language,
+                self._script(probe.script.read_text()),
+                env,
+                PROBE_TIMEOUT,
+                tag=self.tag,
+            )
+        except ValueError as exc:
+            return _refused(self.cell.backend, exc)
+        note(self.root, "job", job_id)  # a killed run's next run kills what is left of it
+        job = self.queue.wait(job_id, PROBE_TIMEOUT + 30)
+        assert job.result is not None
+        return job.result
 
     def run_script(self, language: str, script: str) -> JobResult:
         """One job; a submission the queue refuses comes back as that job's error."""
@@ -328,34 +290,9 @@ class CellSession:
         except ValueError as exc:
             return _refused(self.cell.backend, exc)
         note(self.root, "job", job_id)
-        job = self._wait(job_id, 60)
+        job = self.queue.wait(job_id, 60)
         assert job.result is not None
         return job.result
-
-    def _wait(self, job_id: str, timeout: float) -> QueuedJob:
-        """The queue's wait, but a job this harness just submitted that reads as missing is
-        read again for a while: a worker in a gVisor sandbox writes the SQLite file through
-        gVisor's gofer, whose shared mapping of its -shm index the host does not see at once,
-        so a read here can miss a job mid-move to the finished table (once in 4 CI runs).
-        The grace counts from the first miss: the move comes at the job's end, after a wait
-        that may have lasted longer than the grace itself."""
-        assert self.queue is not None
-        deadline = time.monotonic() + timeout
-        missing_since: float | None = None  # reset whenever the job reads as present again
-        while True:
-            job = self.queue.get(job_id)
-            now = time.monotonic()
-            if job is None:
-                missing_since = missing_since if missing_since is not None else now
-                if now - missing_since > MISSING_GRACE:
-                    raise JobNotFound(job_id, f" in {self.queue.path}")
-            elif job.status == "done":
-                return job
-            else:
-                missing_since = None
-            if now > deadline:
-                return self.queue.wait(job_id, 0.0)  # its error names the job and its state
-            time.sleep(0.02)
 
     def startup_log(self) -> str:
         """The first worker's log, with the canary secret masked."""

@@ -43,7 +43,15 @@ PACKAGES = (
     "python3-psutil",
     "ca-certificates",
 )
-SOURCES = ("pyproject.toml", "runtime", "fixtures/worker-image/Dockerfile")
+# What the image runs: the runtime, and of the suite only the queue relay a gVisor cell's
+# harness starts inside it (with the wire format it shares with the host)
+SOURCES = (
+    "pyproject.toml",
+    "runtime",
+    "conformance/platforms/queue_relay.py",
+    "conformance/platforms/uml_guest.py",
+    "fixtures/worker-image/Dockerfile",
+)
 
 
 class ImageBuildError(RuntimeError):

@@ -15,10 +15,13 @@ import importlib
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from conformance.canaries import Canaries
 from conformance.platforms.spec import COMMON, PlatformSpec, SpecError, read, unknown_keys
+
+if TYPE_CHECKING:
+    from runtime.database import Database
 
 DRIVERS = {
     "host": "conformance.platforms.host:HostPlatform",
@@ -70,6 +73,10 @@ class Platform(Protocol):
 
     def facts(self) -> dict[str, Any]:
         """Kernel, capabilities, seccomp... of the place workers run, for the report."""
+
+    def queue_database(self, url: str | None, state_dir: Path) -> Database:
+        """The cell's queue as the harness reaches it (runtime.database.connect's arguments):
+        directly, unless the workers' file locks are not the host's (queue_relay)."""
 
     def close(self) -> None: ...
 

@@ -27,8 +27,10 @@ from typing import Any
 from conformance.canaries import Canaries
 from conformance.image import worker_image
 from conformance.platforms.host import kill_marked, own_status, survivors
+from conformance.platforms.queue_relay import RelayDatabase
 from conformance.platforms.session import alive, session
 from conformance.platforms.spec import PlatformSpec, SpecError
+from runtime.database import Database, connect
 from runtime.doctor import CAPS, cap_names
 
 ENGINE_UNKNOWN = {"PERFMON", "BPF", "CHECKPOINT_RESTORE"}  # newer than Debian's docker.io
@@ -236,6 +238,18 @@ class DockerPlatform:
             "capabilities_added": self.cap_add,
             "capabilities_not_granted": self.not_granted,
         }
+
+    def queue_database(self, url: str | None, state_dir: Path) -> Database:
+        """The cell's queue; in a sandbox with a kernel of its own (runsc), through a relay
+        there, under the workers' own file locks (conformance.platforms.queue_relay)."""
+        if url or not self.spec.options.runtime:
+            return connect(url, state_dir)
+        return RelayDatabase(
+            [docker_cli(), "exec", "-i", self.id, "python3"],
+            state_dir / "queue.sqlite3",
+            state_dir.parent / "queue-relay.log",
+            f"a relay in the {self.spec.options.runtime} container {self.id[:12]}",
+        )
 
     def close(self) -> None:
         if self.container_id is not None:

@@ -27,6 +27,7 @@ from conformance.canaries import Canaries
 from conformance.matrix import ISOLATION_VARS
 from conformance.platforms.session import owned_prefix
 from conformance.platforms.spec import PlatformSpec
+from runtime.database import Database, connect
 
 USERNS_OFF = (
     "unshare",
@@ -108,6 +109,9 @@ class HostPlatform:
     def facts(self) -> dict[str, Any]:
         wanted = own_status("CapEff", "CapBnd", "Seccomp", "NoNewPrivs")
         return {**self.spec.facts(), "kernel": platform.release(), **wanted}
+
+    def queue_database(self, url: str | None, state_dir: Path) -> Database:
+        return connect(url, state_dir)  # the workers' locks are the host's
 
     def close(self) -> None:
         if self.victim is not None:

@@ -30,6 +30,7 @@ from conformance.platforms.docker import LISTENER, LISTENER_PORT, SESSION_LABEL,
 from conformance.platforms.host import kill_marked, survivors
 from conformance.platforms.session import alive, session
 from conformance.platforms.spec import PlatformSpec, SpecError
+from runtime.database import Database, connect
 
 ROOTLESS_USER = "orvanta-podman"  # scripts/setup creates it, with subordinate ids
 NPROC = 32768  # RLIMIT_NPROC podman may set here (its default is more than the host grants)
@@ -173,6 +174,9 @@ class PodmanPlatform:
             "as_user": user.pw_name if user else "root",
             "podman_warnings": self.warnings,
         }
+
+    def queue_database(self, url: str | None, state_dir: Path) -> Database:
+        return connect(url, state_dir)  # the workers' locks are the host's
 
     def close(self) -> None:
         if self.container_id is not None:

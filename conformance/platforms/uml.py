@@ -39,7 +39,8 @@ import psutil
 from conformance.canaries import Canaries
 from conformance.platforms.session import alive, session
 from conformance.platforms.spec import PlatformSpec, SpecError
-from conformance.platforms.uml_guest import LineChannel, dump
+from conformance.platforms.uml_guest import LineChannel, dump, run_statement
+from runtime.database import Database, connect
 
 KERNEL = "linux.uml"
 # where scripts/uml-kernel puts a newer Debian UML kernel when Debian 12's cannot boot on this
@@ -249,26 +250,22 @@ class Guest:
 
     def _serve_queue(self, ch: int) -> None:
         """A worker's queue connection: its statements, in order, on a connection of its own."""
-        from runtime.database import DuplicateKeyError, SqliteDatabase
+        from runtime.database import SqliteDatabase
 
         db: SqliteDatabase | None = None
         while (message := self.channels[ch].get()) is not None:
             reply: dict[str, Any] = {"ch": ch}
-            try:
-                op = message["op"]
-                if op == "open":
+            if message.get("op") != "open":
+                reply.update(
+                    run_statement(db, message)
+                    if db is not None
+                    else {"error": "other", "message": "no queue opened on this channel"}
+                )
+            else:
+                try:
                     db = SqliteDatabase(self._queue_path(str(message["url"])))
-                elif db is None:
-                    raise RuntimeError("no queue opened on this channel")
-                elif op == "script":
-                    db.script(message["sql"])
-                else:
-                    result = getattr(db, op)(message["sql"], message["params"])
-                    reply["result"] = [list(r) for r in result] if op == "query" else result
-            except DuplicateKeyError as exc:
-                reply.update(error="duplicate", message=str(exc))
-            except Exception as exc:
-                reply.update(error="other", message=f"{type(exc).__name__}: {exc}")
+                except Exception as exc:
+                    reply.update(error="other", message=f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(OSError, GuestGone):
                 self.send(reply)
         if db is not None:
@@ -413,6 +410,9 @@ class UmlPlatform:
             "host_cgroup": "v2" if host_v2 else "v1",
             "boot_seconds": self.guest.boot_seconds if self.guest else None,
         }
+
+    def queue_database(self, url: str | None, state_dir: Path) -> Database:
+        return connect(url, state_dir)  # the guest's workers reach this very file through us
 
     def close(self) -> None:
         if self.guest is not None:

@@ -106,10 +106,15 @@ class RemoteDatabase:
     skip_locked = ""
     moves_in_one_statement = False  # the host's SQLite, statement by statement
 
-    def __init__(self, url: str) -> None:
-        self.display = f"{url} (from a UML guest)"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(DB_SOCKET)
+    def __init__(
+        self, url: str, sock: socket.socket | None = None, where: str = "a UML guest"
+    ) -> None:
+        """Over `sock` where given (a connected stream socket), else the agent's DB_SOCKET."""
+        self.display = f"{url} (from {where})"
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(DB_SOCKET)
+        self._sock = sock
         self._channel = LineChannel(self._sock.fileno())
         self._replies = self._channel.lines()
         self._lock = threading.RLock()
@@ -117,14 +122,19 @@ class RemoteDatabase:
 
     def _call(self, op: str, **args: Any) -> Any:
         with self._lock:
-            self._channel.send({"op": op, **args})
-            reply = next(self._replies)
+            try:
+                self._channel.send({"op": op, **args})
+                reply = next(self._replies, None)
+            except OSError:  # e.g. EPIPE: nobody reads it any more
+                reply = None
+        if reply is None:
+            raise RuntimeError(f"{self.display}: the other end closed the connection ({op})")
         if "error" in reply:
             from runtime.database import DuplicateKeyError
 
             if reply["error"] == "duplicate":
                 raise DuplicateKeyError(reply["message"])
-            raise RuntimeError(f"queue on the host: {reply['message']}")
+            raise RuntimeError(f"queue {self.display}: {reply['message']}")
         return reply.get("result")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -156,6 +166,27 @@ class RemoteDatabase:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+def run_statement(db: Database, message: dict[str, Any]) -> dict[str, Any]:
+    """A reply's fields for one statement of the wire (script, query or execute) run on `db`:
+    its result, or the error RemoteDatabase raises again on the other side."""
+    from runtime.database import DuplicateKeyError
+
+    try:
+        op = message["op"]
+        if op == "script":
+            db.script(message["sql"])
+            return {}
+        if op == "query":
+            return {"result": [list(row) for row in db.query(message["sql"], message["params"])]}
+        if op == "execute":
+            return {"result": db.execute(message["sql"], message["params"])}
+        raise ValueError(f"{op!r} is not a statement (script, query or execute)")
+    except DuplicateKeyError as exc:
+        return {"error": "duplicate", "message": str(exc)}
+    except Exception as exc:
+        return {"error": "other", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def remote_connect(url: str | None, state_dir: Path) -> Database:
