@@ -51,6 +51,47 @@ def serve(s):
 threading.Thread(target=serve, args=(unix,), daemon=True).start()
 serve(tcp)
 """
+# The control for canary_tcp and abstract_socket, run beside LISTENER: both of its sockets
+# greet. `exec -d` returns before the listener binds, and one that never came up would read
+# as a network that holds.
+LISTENER_CHECK = """
+import socket, sys, time
+port, name, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+def greets(family, address):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(address)
+        return s.recv(64).startswith(b"ORVANTA_CANARY")
+    except OSError:
+        return False
+    finally:
+        s.close()
+end = time.monotonic() + seconds
+while not (greets(socket.AF_INET, ("127.0.0.1", port)) and greets(socket.AF_UNIX, "\\0" + name)):
+    if time.monotonic() > end:
+        sys.exit(f"nothing greets on 127.0.0.1:{port} and @{name} after {seconds:g}s")
+    time.sleep(0.05)
+"""
+LISTENER_WAIT = 20.0  # seconds for the listener to answer
+
+
+def await_listener(
+    exec_prefix: list[str], port: int, name: str, seconds: float = LISTENER_WAIT
+) -> None:
+    """Return once the canary listener LISTENER started (`exec_prefix` runs a command beside
+    it) greets on both sockets; RuntimeError, which fails the cell, otherwise."""
+    proc = subprocess.run(
+        [*exec_prefix, "python3", "-c", LISTENER_CHECK, str(port), name, str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+        cwd="/",  # a rootless podman's user may not enter ours
+    )
+    if proc.returncode != 0:
+        said = (proc.stderr or proc.stdout).strip()[-500:]
+        raise RuntimeError(f"the canary listener does not answer: {said}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +234,7 @@ class DockerPlatform:
             check=True,
             capture_output=True,
         )
+        await_listener([docker_cli(), "exec", self.id], LISTENER_PORT, name)
         canaries.port = LISTENER_PORT
         canaries.abstract = name
         return LISTENER_PORT

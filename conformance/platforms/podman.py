@@ -26,7 +26,13 @@ from typing import Any
 
 from conformance.canaries import Canaries
 from conformance.image import CACHE, worker_image
-from conformance.platforms.docker import LISTENER, LISTENER_PORT, SESSION_LABEL, kernel_facts
+from conformance.platforms.docker import (
+    LISTENER,
+    LISTENER_PORT,
+    SESSION_LABEL,
+    await_listener,
+    kernel_facts,
+)
 from conformance.platforms.host import kill_marked, survivors
 from conformance.platforms.session import alive, session
 from conformance.platforms.spec import PlatformSpec, SpecError
@@ -146,6 +152,7 @@ class PodmanPlatform:
         proc = self._podman(argv)
         if proc.returncode != 0:
             raise RuntimeError(f"canary listener did not start: {proc.stderr.strip()}")
+        await_listener([*podman_argv(self.rootless), "exec", self.id], LISTENER_PORT, name)
         canaries.port = LISTENER_PORT
         canaries.abstract = name
         return LISTENER_PORT
