@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         pytest.skip(why)
     with scratch_postgres() as url:
         yield url
+
+
+MATRIX = Path(__file__).resolve().parents[1] / "matrix.yaml"
+
+
+@pytest.fixture
+def platform_of() -> Callable[[str], Any]:
+    """Opens (does not start) a platform of matrix.yaml by name; the test is skipped, with
+    the reason, where this machine cannot run it."""
+    from conformance.matrix import load
+    from conformance.platforms import open_platform, unavailable
+
+    def opened(name: str) -> Any:
+        spec = load(MATRIX).platforms[name]
+        reason = unavailable(spec)
+        if reason:
+            pytest.skip(f"platform {name}: {reason}")
+        return open_platform(spec)
+
+    return opened

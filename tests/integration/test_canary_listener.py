@@ -8,27 +8,23 @@ the cell's start waits until both of its sockets greet, and fails where they nev
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conformance.canaries import Canaries
-from conformance.matrix import load
-from conformance.platforms import open_platform, unavailable
 from conformance.platforms.docker import await_listener, docker_cli
-
-MATRIX = Path(__file__).resolve().parents[2] / "matrix.yaml"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.req("R-TBL-NET")
-def test_a_cell_starts_only_once_its_canary_listener_greets(tmp_path: Path) -> None:
-    spec = load(MATRIX).platforms["docker-unprivileged"]
-    reason = unavailable(spec)
-    if reason:
-        pytest.skip(f"platform docker-unprivileged: {reason}")
-    platform = open_platform(spec)
+def test_a_cell_starts_only_once_its_canary_listener_greets(
+    tmp_path: Path, platform_of: Callable[[str], Any]
+) -> None:
+    platform = platform_of("docker-unprivileged")
     canaries = Canaries.plant(tmp_path)
     try:
         platform.start(tmp_path)

@@ -13,15 +13,14 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conformance.matrix import load
-from conformance.platforms import open_platform, unavailable
 from conformance.platforms.docker import docker_cli
 
-MATRIX = Path(__file__).resolve().parents[2] / "matrix.yaml"
 HOLD_SECONDS = 3.0
 # a worker's claim, held: the write lock, then nothing until it commits
 HOLDER = f"""import sqlite3, sys, time
@@ -37,12 +36,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.req("R-PLT-7")
-def test_the_harness_waits_for_a_gvisor_workers_lock_through_the_relay(tmp_path: Path) -> None:
-    spec = load(MATRIX).platforms["docker-gvisor"]
-    reason = unavailable(spec)
-    if reason:
-        pytest.skip(f"platform docker-gvisor: {reason}")
-    platform = open_platform(spec)
+def test_the_harness_waits_for_a_gvisor_workers_lock_through_the_relay(
+    tmp_path: Path, platform_of: Callable[[str], Any]
+) -> None:
+    platform = platform_of("docker-gvisor")
     queue = tmp_path / "state" / "queue.sqlite3"
     queue.parent.mkdir()
     sqlite3.connect(queue).execute("PRAGMA journal_mode=WAL").close()

@@ -9,27 +9,26 @@ queue (and anything else) as a closed channel. The same cell with the budget is 
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conformance.harness import CellSession
 from conformance.matrix import load
-from conformance.platforms import open_platform, unavailable
 
 MATRIX = Path(__file__).resolve().parents[2] / "matrix.yaml"
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def neighbour_ipc(tmp_path: Path, queue_budget: int | None) -> tuple[str, dict[str, object]]:
+def neighbour_ipc(
+    tmp_path: Path, queue_budget: int | None, platform_of: Callable[[str], Any]
+) -> tuple[str, dict[str, object]]:
     matrix = load(MATRIX)
     cell = next(c for c in matrix.cells if c.id == "host/none/default")
-    spec = matrix.platforms[cell.platform]
-    reason = unavailable(spec)
-    if reason:
-        pytest.skip(f"platform {cell.platform}: {reason}")
-    platform = open_platform(spec)
+    platform = platform_of(cell.platform)
     session = CellSession(matrix, cell, platform, tmp_path)
     before = resource.getrlimit(resource.RLIMIT_MSGQUEUE)
     try:
@@ -47,10 +46,12 @@ def neighbour_ipc(tmp_path: Path, queue_budget: int | None) -> tuple[str, dict[s
 
 
 @pytest.mark.req("R-XJOB-1")
-def test_a_neighbour_with_no_room_leaves_its_probes_unmeasured(tmp_path: Path) -> None:
-    outcome, verdict = neighbour_ipc(tmp_path / "room", None)
+def test_a_neighbour_with_no_room_leaves_its_probes_unmeasured(
+    tmp_path: Path, platform_of: Callable[[str], Any]
+) -> None:
+    outcome, verdict = neighbour_ipc(tmp_path / "room", None, platform_of)
     assert outcome == "exposed", verdict  # the control: under none the queue is reachable
-    outcome, verdict = neighbour_ipc(tmp_path / "no-room", 0)
+    outcome, verdict = neighbour_ipc(tmp_path / "no-room", 0, platform_of)
     assert outcome == "error", verdict
     assert "no room to plant" in str(verdict.get("not_measured")), verdict
     assert "mqueue" in str(verdict.get("evidence")), verdict

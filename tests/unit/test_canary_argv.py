@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from conformance.harness import CellSession
 from conformance.matrix import load
-from conformance.platforms import open_platform, unavailable
 
 MATRIX = Path(__file__).resolve().parents[2] / "matrix.yaml"
 
@@ -54,14 +55,12 @@ def holders(name: str, value: str) -> list[str]:
 
 @pytest.mark.req("R-PLT-1", "R-PLT-2")
 @pytest.mark.parametrize("cell_id", ["host/none/default", "docker-unprivileged/none/default"])
-def test_no_canary_secret_on_any_command_line(tmp_path: Path, cell_id: str) -> None:
+def test_no_canary_secret_on_any_command_line(
+    tmp_path: Path, cell_id: str, platform_of: Callable[[str], Any]
+) -> None:
     matrix = load(MATRIX)
     cell = next(c for c in matrix.cells if c.id == cell_id)
-    spec = matrix.platforms[cell.platform]
-    reason = unavailable(spec)
-    if reason:
-        pytest.skip(f"platform {cell.platform}: {reason}")
-    platform = open_platform(spec)
+    platform = platform_of(cell.platform)
     session = CellSession(matrix, cell, platform, tmp_path)
     watch = ArgvWatch(session.canaries.secret)
     watch.start()
