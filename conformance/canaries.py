@@ -138,19 +138,21 @@ class Canaries:
 
 
 # What a neighbour job plants, for the local harness and the remote audit alike: a script
-# fragment that expects `token` and the modules ctypes, ctypes.util, errno, json, os and sys.
-# Data in its job dir and, where its sandbox lets it, in /tmp, /dev/shm, a SysV segment and a
-# POSIX queue (neighbour_files, neighbour_ipc). A plant refused by the sandbox (no /dev/shm in
-# a jail) is that channel's answer for every job; one that found no room is not: what a probe
-# then fails to find proves nothing, so the neighbour says so and exits 3 (NEIGHBOUR_NO_ROOM)
-# instead of reading as a neighbour whose every channel is closed.
-PLANT_NEIGHBOUR = r"""mark = b"ORVANTA_CANARY neighbour data\n"
+# fragment that expects `token`. Data in its job dir and, where its sandbox lets it, in /tmp,
+# /dev/shm, a SysV segment and a POSIX queue (neighbour_files, neighbour_ipc). A plant refused
+# by the sandbox (no /dev/shm in a jail) is that channel's answer for every job; one that found
+# no room is not: what a probe then fails to find proves nothing. So the neighbour then removes
+# what it did plant, says which found no room, and exits 3 (NEIGHBOUR_NO_ROOM) instead of
+# reading as a neighbour whose every channel is closed.
+PLANT_NEIGHBOUR = r"""import ctypes, ctypes.util, errno, json, os, sys
+mark = b"ORVANTA_CANARY neighbour data\n"
 room = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
-no_room = {}
+no_room, planted = {}, []
 open("neighbour.txt", "wb").write(mark)
 for path in (f"/tmp/orvanta-neighbour-{token}", f"/dev/shm/orvanta-neighbour-{token}"):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        planted.append(path)
         try:
             os.write(fd, mark)
         finally:
@@ -165,29 +167,25 @@ if shm >= 0:
     addr = libc.shmat(shm, None, 0)
     if addr not in (None, ctypes.c_void_p(-1).value):
         ctypes.memmove(addr, mark, len(mark))
+    elif ctypes.get_errno() in room:
+        no_room["sysv"] = errno.errorcode[ctypes.get_errno()]
 elif ctypes.get_errno() in room:
     no_room["sysv"] = errno.errorcode[ctypes.get_errno()]
 rt = ctypes.CDLL(ctypes.util.find_library("rt") or None, use_errno=True)
 # one 64-byte message at most: a default queue (10 x 8 KiB) takes a tenth of its uid's
 # RLIMIT_MSGQUEUE, and a few cells at once (root in each, under none) used it all up
 attr = (ctypes.c_long * 8)(0, 1, 64, 0)  # struct mq_attr: flags, maxmsg, msgsize, curmsgs
-if rt.mq_open(f"/orvanta-neighbour-{token}".encode(), os.O_CREAT | os.O_RDWR, 0o644, attr) < 0:
+queue = f"/orvanta-neighbour-{token}".encode()
+if rt.mq_open(queue, os.O_CREAT | os.O_RDWR, 0o644, attr) < 0:
     if ctypes.get_errno() in room:
         no_room["mqueue"] = errno.errorcode[ctypes.get_errno()]
-if no_room:
+if no_room:  # nothing of it stays behind: the remote audit has no other way to remove it
+    for path in planted:
+        os.unlink(path)
+    if shm >= 0:
+        libc.shmctl(shm, 0, None)  # IPC_RMID
+    rt.mq_unlink(queue)
     print(json.dumps({"neighbour": "no room to plant", "no_room": no_room}), flush=True)
     sys.exit(3)
 """
 NEIGHBOUR_NO_ROOM = 3  # the neighbour's exit status when a plant found no room
-# Probes that read what the neighbour holds: measured only while it runs.
-NEEDS_NEIGHBOUR = (
-    "proc_environ",
-    "proc_mem",
-    "proc_fd",
-    "ps_listing",
-    "neighbour_process",
-    "neighbour_files",
-    "neighbour_ipc",
-    "canary_tcp",
-    "abstract_socket",
-)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
 import subprocess
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conformance.canaries import NEEDS_NEIGHBOUR, NEIGHBOUR_NO_ROOM, PLANT_NEIGHBOUR, Canaries
+from conformance.canaries import NEIGHBOUR_NO_ROOM, PLANT_NEIGHBOUR, Canaries
 from conformance.leftovers import note
 from conformance.matrix import Cell, Matrix, Probe
 from conformance.platforms import Platform, WorkerProcess
@@ -30,6 +31,7 @@ from conformance.service import Service, scratch_postgres
 from runtime.executor import JobResult
 from runtime.queue import JobQueue
 
+log = logging.getLogger("orvanta.harness")
 READY_LINE = "pulling jobs from"
 START_TIMEOUT = 60.0
 PROBE_TIMEOUT = 60.0
@@ -43,10 +45,22 @@ LIMIT_VARS = {
 # The concurrently running job: it leaves data in its dir and, where its sandbox lets it, in
 # /tmp, /dev/shm, a SysV segment and a POSIX queue, for neighbour_files and neighbour_ipc.
 NEIGHBOUR = (
-    'import ctypes, ctypes.util, errno, json, os, sys\ntoken = os.environ["NEIGHBOUR_TOKEN"]\n'
+    'import os, sys\ntoken = os.environ["NEIGHBOUR_TOKEN"]\n'
     + PLANT_NEIGHBOUR
     + 'argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]\n'
     + "os.execv(sys.executable, argv)\n"
+)
+# Probes that look for what the neighbour job holds here (its files, IPC, process, argv, dir):
+# measured only while it runs (`CellSession._neighbour_gone`)
+READS_NEIGHBOUR = frozenset(
+    {
+        "neighbour_files",
+        "neighbour_ipc",
+        "neighbour_process",
+        "ps_listing",
+        "state_jobs",
+        "launcher_argv",
+    }
 )
 # Kernel settings a probe may write back (with their current value): restored if one changed.
 KERNEL_SETTINGS = (
@@ -155,8 +169,12 @@ class CellSession:
             self._wait_ready(self._spawn("worker-b"))
 
     def close(self) -> None:
+        """Everything the cell started goes, whatever fails on the way (logged)."""
         if self.queue is not None and self.neighbour_id is not None:
-            self.queue.cancel(self.neighbour_id)
+            try:  # the workers' stop kills it anyway
+                self.queue.cancel(self.neighbour_id)
+            except Exception:
+                log.exception("cell %s: cannot cancel the neighbour job", self.cell.id)
         self.platform.stop_workers()
         for proc, _ in self.workers:
             if proc.poll() is None:
@@ -168,7 +186,8 @@ class CellSession:
                 proc.kill()
                 proc.wait()
         if self.queue is not None:
-            self.queue.close()
+            with contextlib.suppress(Exception):  # a relay that died already said why
+                self.queue.close()
         self.platform.cleanup(self.neighbour_token)
         self._cleanup.close()
         self.canaries.close()
@@ -219,7 +238,8 @@ class CellSession:
         env["PROBE_VOLUME_HOST"] = str(volume)
         gone = self._neighbour_gone(probe)
         if gone is not None:  # its canaries may be gone too: nothing to measure against
-            return ProbeRun(self.cell.id, probe.name, gone[0], gone[1], [])
+            never_ran = JobResult("not-run", self.cell.backend, "error", None, 0.0, "", "", [])
+            return ProbeRun(self.cell.id, probe.name, never_ran, gone, [])
         kernel = _read_all(KERNEL_SETTINGS)
         try:
             if probe.stages == 2:
@@ -233,36 +253,39 @@ class CellSession:
             verdict = parse_verdict(result.stdout) or _refusal(probe, result)
             survivors = self.platform.survivors(token)
             gone = self._neighbour_gone(probe)
-            if gone is not None and (verdict or {}).get("outcome") != "exposed":
-                verdict = gone[1]  # "blocked" may only mean its canaries had gone meanwhile
+            exposed = survivors or (verdict or {}).get("outcome") == "exposed"
+            if gone is not None and not exposed:
+                verdict = gone  # "blocked" may only mean its canaries had gone meanwhile
         finally:
             self.platform.cleanup(token)
             _restore(kernel)
             _restore_volume(volume)
         return ProbeRun(self.cell.id, probe.name, result, verdict, survivors)
 
-    def _neighbour_gone(self, probe: Probe) -> tuple[JobResult, dict[str, Any]] | None:
-        """For a probe that reads the neighbour's canaries, once the neighbour job is no longer
-        running: its record and an error verdict. A neighbour that found no room to plant
-        exits (NEIGHBOUR_NO_ROOM) instead of leaving channels that read as closed."""
-        if probe.name not in NEEDS_NEIGHBOUR or self.neighbour_id is None or self.queue is None:
+    def _neighbour_gone(self, probe: Probe) -> dict[str, Any] | None:
+        """For a probe that looks for what the neighbour holds, once the neighbour job is no
+        longer running: an error verdict with its output. A neighbour that found no room to
+        plant exits (NEIGHBOUR_NO_ROOM) instead of leaving channels that read as closed."""
+        if probe.name not in READS_NEIGHBOUR or self.neighbour_id is None or self.queue is None:
             return None
         job = self.queue.get(self.neighbour_id)
         if job is not None and job.status != "done":
             return None
         result = job.result if job is not None else None
-        if result is None:
-            result = JobResult(self.neighbour_id, self.cell.backend, "error", None, 0.0, "", "", [])
-        said = (result.stdout + result.stderr).strip()[-600:] or "no output"
-        why = "no room to plant" if result.exit_code == NEIGHBOUR_NO_ROOM else result.status
-        verdict = {
+        said = (result.stdout + result.stderr).strip()[-600:] if result else ""
+        code = result.exit_code if result else None
+        why = (
+            "no room to plant"
+            if code == NEIGHBOUR_NO_ROOM
+            else (result.status if result else "gone")
+        )
+        return {
             "probe": probe.name,
             "outcome": "error",
-            "not_measured": f"the neighbour job {self.neighbour_id} ended ({why}, exit "
-            f"{result.exit_code}) before this probe was done: its canaries may be gone",
-            "evidence": said,
+            "not_measured": f"the neighbour job {self.neighbour_id} ended ({why}, exit {code}) "
+            "before this probe was done: what it held may be gone",
+            "evidence": said or "no output",
         }
-        return result, verdict
 
     def _probe_job(self, probe: Probe, env: dict[str, str]) -> JobResult:
         """One job of the probe; a submission the queue refuses is the runtime's answer too."""

@@ -270,8 +270,10 @@ def cell(request: pytest.FixtureRequest, cells_root: Path) -> Iterator[CellSessi
         session.start()
         yield session
     finally:
-        session.close()
-        platform.close()
+        try:
+            session.close()
+        finally:
+            platform.close()
 
 
 @pytest.fixture

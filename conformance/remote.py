@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from conformance.canaries import MARKER, NEEDS_NEIGHBOUR, NEIGHBOUR_NO_ROOM, Canaries
+from conformance.canaries import MARKER, NEIGHBOUR_NO_ROOM, Canaries
 from conformance.harness import parse_verdict
 from conformance.matrix import Matrix
 from conformance.remote_api import AdminAPI, Submitted
@@ -27,6 +27,7 @@ from conformance.remote_jobs import (
     LITTER_REASON,
     LITTERS,
     MARK_VAR,
+    NEEDS_NEIGHBOUR,
     PROBE_TIMEOUT,
     SCANS,
     STOPPER,
@@ -111,8 +112,16 @@ class TagAudit:
                 if probe.name in LEFTOVERS and res.isolation in LITTERS:
                     res.not_measured[probe.name] = LITTER_REASON
                     continue
+                gone = self._neighbour_gone(probe)
+                if gone:
+                    res.not_measured[probe.name] = gone
+                    continue
                 run = self._run_probe(probe)
                 if run is None:
+                    continue
+                gone = self._neighbour_gone(probe)
+                if gone and run.measured != "exposed":  # "blocked" may mean it had gone
+                    res.not_measured[probe.name] = gone
                     continue
                 res.runs.append(run)
                 log(f"remote/{self.tag}: {probe.name}: {run.measured} ({run.isolation})")
@@ -166,6 +175,21 @@ class TagAudit:
                 )
                 return
         self.result.notes.append("the neighbour job could not bind a loopback port")
+
+    def _neighbour_gone(self, probe: PlannedProbe) -> str:
+        """Why a probe that looks for what the neighbour holds cannot be measured now (the
+        neighbour job ended), or ""."""
+        if probe.name not in NEEDS_NEIGHBOUR or not self.neighbour:
+            return ""
+        record = self.api.job(self.neighbour)
+        if record["status"] != "done":
+            return ""
+        result = record.get("result") or {}
+        out = (result.get("stdout") or "").strip().splitlines()
+        return (
+            f"the neighbour job {self.neighbour} ended (exit {result.get('exit_code')}) before "
+            f"this probe was done, so what it held may be gone: {out[-1] if out else 'no output'}"
+        )
 
     def _stop(self) -> None:
         """The neighbour stops and removes its files (where it shares /tmp with a later job);

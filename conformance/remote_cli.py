@@ -13,11 +13,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from conformance.canaries import NEEDS_NEIGHBOUR
 from conformance.matrix import BACKENDS, Matrix, MatrixError, load
 from conformance.remote import TagAudit, TagResult
 from conformance.remote_api import AdminAPI, RemoteError
-from conformance.remote_jobs import AUDIT_WORKSPACE, MARK_VAR, plan
+from conformance.remote_jobs import AUDIT_WORKSPACE, MARK_VAR, NEEDS_NEIGHBOUR, plan
 from conformance.remote_report import build, write_all
 from conformance.resources import suite_file
 

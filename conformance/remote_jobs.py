@@ -45,6 +45,19 @@ NOT_MEASURED = {
     "volume_poison": "needs the host path of the job's volume (PROBE_VOLUME_HOST) and a "
     "root-only directory on the worker host (CANARY_POISON_DIR)",
 }
+# Probes that read what the remote neighbour holds (its secret, files, IPC, listeners, argv)
+NEEDS_NEIGHBOUR = (
+    "proc_environ",
+    "proc_mem",
+    "proc_fd",
+    "ps_listing",
+    "neighbour_process",
+    "neighbour_files",
+    "neighbour_ipc",
+    "canary_tcp",
+    "abstract_socket",
+    "launcher_argv",
+)
 # Two-stage probes whose attack removes what the plant left: only where it can. Under unshare
 # jobs share the host's /tmp, /dev/shm and IPC, each job under host ids of its own, so a later
 # job may find the plant's files and queues but never remove them (locally the harness does,
@@ -111,7 +124,7 @@ def plan(matrix: Matrix, agent: bool) -> tuple[list[PlannedProbe], dict[str, str
 # (ps_listing, neighbour_process look for `orvanta-neighbour`) and serves until the audit's
 # stop file appears in its /tmp or its deadline passes; then it removes what it planted.
 NEIGHBOUR = (
-    r"""import ctypes, ctypes.util, errno, json, os, socket, sys
+    r"""import ctypes, ctypes.util, os, socket, sys
 nb = os.environ["NB_ID"]
 tcp = socket.create_server(("127.0.0.1", int(os.environ["NB_PORT"])))
 unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -176,6 +189,7 @@ def neighbour_env(nb: str, secret: str, port: int, abstract: str) -> dict[str, s
         "NB_PORT": str(port),
         "NB_ABSTRACT": abstract,
         "NB_SECONDS": str(NEIGHBOUR_SECONDS),
+        "NEIGHBOUR_TOKEN": nb,  # what launcher_argv looks for on a launcher's command line
     }
 
 

@@ -6,7 +6,8 @@ an interrupted run) and declares its typed `Options`. An instance is one cell's
 platform: it starts workers with a given environment, lists processes by a marker
 (to catch a job's survivors) and reports facts about itself. Jobs reach the workers
 through the queue in the cell's directory, which every platform shares with the
-harness. Adding a kind is one module with one class, plus one line in DRIVERS.
+harness (a sandbox with its own file locks through a relay: `queue_database`). Adding a
+kind is one module with one class, plus one line in DRIVERS.
 """
 
 from __future__ import annotations

@@ -81,14 +81,17 @@ def await_listener(
 ) -> None:
     """Return once the canary listener LISTENER started (`exec_prefix` runs a command beside
     it) greets on both sockets; RuntimeError, which fails the cell, otherwise."""
-    proc = subprocess.run(
-        [*exec_prefix, "python3", "-c", LISTENER_CHECK, str(port), name, str(seconds)],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
-        cwd="/",  # a rootless podman's user may not enter ours
-    )
+    try:
+        proc = subprocess.run(
+            [*exec_prefix, "python3", "-c", LISTENER_CHECK, str(port), name, str(seconds)],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+            cwd="/",  # a rootless podman's user may not enter ours
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"the canary listener does not answer: its check hung ({exc})") from exc
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip()[-500:]
         raise RuntimeError(f"the canary listener does not answer: {said}")
@@ -282,8 +285,9 @@ class DockerPlatform:
         }
 
     def queue_database(self, url: str | None, state_dir: Path) -> Database:
-        """The cell's queue; in a sandbox with a kernel of its own (runsc), through a relay
-        there, under the workers' own file locks (conformance.platforms.queue_relay)."""
+        """The cell's queue; under a sandbox runtime (`runtime:`, runsc in matrix.yaml: a
+        kernel of its own), through a relay there, under the workers' own file locks
+        (conformance.platforms.queue_relay). The same test as `survivors` and `cleanup`."""
         if url or not self.spec.options.runtime:
             return connect(url, state_dir)
         return RelayDatabase(

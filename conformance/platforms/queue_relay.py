@@ -21,8 +21,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from conformance.platforms.uml_guest import LineChannel, RemoteDatabase, run_statement
+
+ANSWER_SECONDS = 120.0  # a statement may wait 30 s for SQLite's lock; beyond this, it is stuck
 
 
 class RelayDatabase(RemoteDatabase):
@@ -32,19 +35,35 @@ class RelayDatabase(RemoteDatabase):
     def __init__(self, python: list[str], path: Path, log: Path, where: str) -> None:
         here, there = socket.socketpair()
         self._log = log
-        with open(log, "ab") as err:
-            self._relay = subprocess.Popen(
-                [*python, "-m", "conformance.platforms.queue_relay", str(path)],
-                stdin=there.fileno(),
-                stdout=there.fileno(),
-                stderr=err,
-            )
-        there.close()
         try:
-            super().__init__(f"sqlite:///{path}", here, where)
-        except Exception as exc:
+            with open(log, "ab") as err:
+                self._relay = subprocess.Popen(
+                    [*python, "-m", "conformance.platforms.queue_relay", str(path)],
+                    stdin=there.fileno(),
+                    stdout=there.fileno(),
+                    stderr=err,
+                    start_new_session=True,  # a Ctrl-C reaches the harness, which closes it
+                )
+        except BaseException:
+            here.close()
+            raise
+        finally:
+            there.close()
+        try:
+            super().__init__(f"sqlite:///{path}", here, where, timeout=ANSWER_SECONDS)
+        except Exception:
             self.close()
-            raise RuntimeError(f"{exc}; the relay said: {self.said()}") from None
+            raise
+
+    def _call(self, op: str, **args: Any) -> Any:
+        try:
+            return super()._call(op, **args)
+        except RuntimeError as exc:
+            if self._relay.poll() is None:
+                raise
+            raise RuntimeError(
+                f"{exc}; the relay exited with {self._relay.returncode}: {self.said()}"
+            ) from exc
 
     def said(self) -> str:
         """The end of the relay's stderr: why it stopped, if it did."""
@@ -53,9 +72,9 @@ class RelayDatabase(RemoteDatabase):
         return "nothing"
 
     def close(self) -> None:
-        super().close()  # end of input: the relay exits
+        super().close()  # end of input: the relay exits at once, unless it is stuck
         try:
-            self._relay.wait(timeout=15)
+            self._relay.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self._relay.kill()
             self._relay.wait()

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import platform
+import select
 import signal
 import socket
 import subprocess
@@ -70,9 +71,10 @@ def load(line: bytes) -> dict[str, Any]:
 class LineChannel:
     """Lines in and out of a file descriptor, writes from any thread."""
 
-    def __init__(self, fd: int, acks: bool = False) -> None:
+    def __init__(self, fd: int, acks: bool = False, timeout: float | None = None) -> None:
         self.fd = fd
         self.acks = acks  # the guest's tty: tell the host how much was read (see uml.Guest)
+        self.timeout = timeout  # for each line read: TimeoutError once it passes
         self._buffer = b""
         self._lock = threading.Lock()
 
@@ -87,6 +89,11 @@ class LineChannel:
     def lines(self) -> Iterator[dict[str, Any]]:
         while True:
             while b"\n" not in self._buffer:
+                if (
+                    self.timeout is not None
+                    and not select.select([self.fd], [], [], self.timeout)[0]
+                ):
+                    raise TimeoutError(f"nothing read in {self.timeout:g}s")
                 chunk = os.read(self.fd, 65536)
                 if not chunk:
                     return
@@ -100,31 +107,43 @@ class LineChannel:
 
 # -- the worker's queue, through the agent ----------------------------------------------------
 class RemoteDatabase:
-    """runtime.database.Database over the agent's socket: the host runs every statement."""
+    """runtime.database.Database over a socket whose other end runs every statement: the
+    UML host for a guest's worker, or a relay in a sandbox for the harness (queue_relay)."""
 
     kind = "sqlite"
     skip_locked = ""
     moves_in_one_statement = False  # the host's SQLite, statement by statement
 
     def __init__(
-        self, url: str, sock: socket.socket | None = None, where: str = "a UML guest"
+        self,
+        url: str,
+        sock: socket.socket | None = None,
+        where: str = "a UML guest",
+        timeout: float | None = None,
     ) -> None:
-        """Over `sock` where given (a connected stream socket), else the agent's DB_SOCKET."""
+        """Over `sock` where given (a connected stream socket), else the agent's DB_SOCKET;
+        `timeout`: seconds an answer may take, after which the connection is given up."""
         self.display = f"{url} (from {where})"
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(DB_SOCKET)
         self._sock = sock
-        self._channel = LineChannel(self._sock.fileno())
+        self._closed = False
+        self._channel = LineChannel(self._sock.fileno(), timeout=timeout)
         self._replies = self._channel.lines()
         self._lock = threading.RLock()
         self._call("open", url=url)
 
     def _call(self, op: str, **args: Any) -> Any:
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.display}: {op} after the connection was closed")
             try:
                 self._channel.send({"op": op, **args})
                 reply = next(self._replies, None)
+            except TimeoutError as exc:  # a late answer would be read as the next one's
+                self.close()
+                raise RuntimeError(f"{self.display}: no answer to {op} ({exc}); closed") from exc
             except OSError:  # e.g. EPIPE: nobody reads it any more
                 reply = None
         if reply is None:
@@ -164,6 +183,7 @@ class RemoteDatabase:
         return self.transaction()
 
     def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(OSError):
             self._sock.close()
 
