@@ -2,7 +2,8 @@
 
 For a table cell two workers share the cell's queue: the first runs a
 long-lived "neighbour" job (the concurrently running job the page says others
-must not reach), the second runs the probes one by one.
+must not reach), the second runs the probes one by one, from the moment the
+neighbour is seen asleep: it sleeps only once it has planted its canaries.
 
 On a platform of `mode: agent` the workers are agents (R-AGT-1..3): a real
 `orvanta server` runs beside them over a throw-away PostgreSQL database whose
@@ -47,8 +48,9 @@ LIMIT_VARS = {
 NEIGHBOUR = (
     'import os, sys\ntoken = os.environ["NEIGHBOUR_TOKEN"]\n'
     + PLANT_NEIGHBOUR
-    + 'argv = [sys.executable, "-c", "import time; time.sleep(900)", "orvanta-neighbour"]\n'
-    + "os.execv(sys.executable, argv)\n"
+    # asleep under this name only once every canary is planted: `CellSession._wait_planted`
+    + 'asleep = [sys.executable, "-c", "import time; time.sleep(900)"]\n'
+    + 'os.execv(sys.executable, [*asleep, f"orvanta-neighbour-{token}"])\n'
 )
 # Probes that look for what the neighbour job holds here (its files, IPC, process, argv, dir):
 # measured only while it runs (`CellSession._neighbour_gone`)
@@ -167,6 +169,7 @@ class CellSession:
             note(self.root, "job", self.neighbour_id)
             self._wait_running(self.neighbour_id)
             self._wait_ready(self._spawn("worker-b"))
+            self._wait_planted(self.neighbour_id)
 
     def close(self) -> None:
         """Everything the cell started goes, whatever fails on the way (logged)."""
@@ -373,6 +376,26 @@ class CellSession:
                 return
             time.sleep(0.02)
         raise HarnessError(f"neighbour job {job_id} was never picked up")
+
+    def _wait_planted(self, job_id: str) -> None:
+        """Until the neighbour sleeps, which it does once it has planted every canary: a probe
+        sent earlier would read a canary not yet planted as a channel that holds. A neighbour
+        that ended instead (no room to plant, or refused) leaves its probes unmeasured
+        (`_neighbour_gone`)."""
+        assert self.queue is not None
+        asleep = f"orvanta-neighbour-{self.neighbour_token}"
+        end = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < end:
+            if self.platform.survivors(asleep):
+                return
+            job = self.queue.get(job_id)
+            if job is not None and job.status == "done":
+                return
+            time.sleep(0.05)
+        raise HarnessError(
+            f"neighbour job {job_id} runs but was not seen asleep (a process named {asleep}) "
+            f"within {START_TIMEOUT:g}s: its canaries may not be planted, so no probe is sent"
+        )
 
 
 def _read_all(paths: tuple[str, ...]) -> dict[str, bytes]:
