@@ -29,7 +29,7 @@ def test_a_cell_starts_only_once_its_canary_listener_greets(
     try:
         platform.start(tmp_path)
         port = platform.listen(canaries)  # returns once it greets (the control)
-        inside = [docker_cli(), "exec", platform.id]  # type: ignore[attr-defined]
+        inside = [docker_cli(), "exec", platform.id]
         await_listener(inside, port, canaries.abstract, seconds=1)
         subprocess.run([*inside, "pkill", "-f", canaries.abstract], check=True)
         with pytest.raises(RuntimeError, match="does not answer"):

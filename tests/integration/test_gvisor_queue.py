@@ -45,7 +45,7 @@ def test_the_harness_waits_for_a_gvisor_workers_lock_through_the_relay(
     sqlite3.connect(queue).execute("PRAGMA journal_mode=WAL").close()
     try:
         platform.start(tmp_path)
-        exec_prefix = [docker_cli(), "exec", "-i", platform.id, "python3"]  # type: ignore[attr-defined]
+        exec_prefix = [docker_cli(), "exec", "-i", platform.id, "python3"]
 
         def hold() -> subprocess.Popen[str]:
             holder = subprocess.Popen(
