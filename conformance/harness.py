@@ -391,7 +391,7 @@ class CellSession:
             job = self.queue.get(job_id)
             if job is not None and job.status == "done":
                 return
-            time.sleep(0.05)
+            time.sleep(0.2)  # a look may be a `docker exec` (gVisor) or a UML guest's scan
         raise HarnessError(
             f"neighbour job {job_id} runs but was not seen asleep (a process named {asleep}) "
             f"within {START_TIMEOUT:g}s: its canaries may not be planted, so no probe is sent"
