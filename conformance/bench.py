@@ -48,6 +48,13 @@ def register(sub: Any) -> None:
     bench.add_argument("--throughput-jobs", type=int, default=300)
     bench.add_argument("--json", type=Path, default=None, help="also write the results here")
     bench.add_argument("--markdown", action="store_true", help="print the README table")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="whole runs, one after another: every figure is then their median, with each "
+        "run's headline figures beside it (default 1; issue 17's targets are read on 3)",
+    )
     bench_queue.add_arguments(bench)
     bench.set_defaults(func=bench_command)
 
@@ -61,13 +68,22 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.queue:
         results = {**header, **bench_queue.run(args, postgres)}
         return _emit(results, args, bench_queue.markdown)
+    if args.repeat < 1:
+        raise SystemExit(f"orvanta bench: --repeat must be 1 or more, not {args.repeat}")
     backends = list(BACKEND_ENV) if args.backend == "all" else [args.backend]
-    results = {
-        **header,
-        "runs": args.runs,
-        "per_job": [],
-        "throughput": [],
-    }
+    runs = []
+    for n in range(args.repeat):
+        if args.repeat > 1:
+            _progress(f"run {n + 1} of {args.repeat}")
+        runs.append(one_run(args, backends, postgres))
+    results = {**header, **(runs[0] if len(runs) == 1 else combine(runs))}
+    results["targets"] = targets(results)
+    return _emit(results, args, markdown)
+
+
+def one_run(args: argparse.Namespace, backends: list[str], postgres: str | None) -> dict[str, Any]:
+    """The floor, then per backend the per-job rows and the throughput rows."""
+    results: dict[str, Any] = {"runs": args.runs, "per_job": [], "throughput": []}
     results["floor"] = floor(args.runs)
     _progress(
         f"floor    bash     guarantees {results['floor']['guarded_ms']['median']:7.2f} ms  "
@@ -89,7 +105,74 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
                 f"({row['database']}, {row['workers']} worker(s)), raw ceiling "
                 f"{row['raw_jobs_per_s']:6.1f}/s ({row['share']:.0%})"
             )
-    return _emit(results, args, markdown)
+    return results
+
+
+# Issue 17's targets, for bash jobs on every backend: the worker's overhead over the raw
+# tool, and its jobs/s through the queue (SQLite, one worker) as a share of the raw tool's
+OVERHEAD_TARGET_MS = 0.5
+SHARE_TARGET = 0.8
+HEADLINE = ("overhead_ms", "ratio", "share", "worker_jobs_per_s", "raw_jobs_per_s")
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs as one: every number the median of the runs' (rows matched by backend,
+    language, database and workers), each headline figure's values kept as `NAME_runs`."""
+    first = runs[0]
+    return {
+        "runs": first["runs"],
+        "repeat": len(runs),
+        "floor": _median_row([run["floor"] for run in runs]),
+        "per_job": [
+            _median_row([run["per_job"][i] for run in runs]) for i in range(len(first["per_job"]))
+        ],
+        "throughput": [
+            _median_row([run["throughput"][i] for run in runs])
+            for i in range(len(first["throughput"]))
+        ],
+    }
+
+
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            merged[key] = _median_row([row[key] for row in rows])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [row[key] for row in rows]
+            merged[key] = round(statistics.median(values), 3)
+            if key in HEADLINE:
+                merged[f"{key}_runs"] = values
+        else:
+            merged[key] = value
+    return merged
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per backend, issue 17's two targets against the bash rows: met or not, and by what."""
+    rows = []
+    for job in results["per_job"]:
+        if job["language"] != "bash":
+            continue
+        backend = job["backend"]
+        share = next(
+            (
+                t["share"]
+                for t in results["throughput"]
+                if t["backend"] == backend and t["database"] == "sqlite" and t["workers"] == 1
+            ),
+            None,
+        )
+        rows.append(
+            {
+                "backend": backend,
+                "overhead_ms": job["overhead_ms"],
+                "overhead_met": job["overhead_ms"] <= OVERHEAD_TARGET_MS,
+                "share": share,
+                "share_met": share is not None and share >= SHARE_TARGET,
+            }
+        )
+    return rows
 
 
 def _emit(
@@ -344,9 +427,15 @@ def raw_jobs_per_s(backend: str, jobs: int) -> float:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    repeat = results.get("repeat", 1)
     lines = [
         f"Measured {results['date']} on {results['machine']}; medians over {results['runs']} "
-        "interleaved runs.",
+        "interleaved runs"
+        + (
+            f"; every figure is the median of {repeat} whole bench runs (each run's in brackets)."
+            if repeat > 1
+            else "."
+        ),
         "",
         "| backend | job | runtime median (p95) | raw tool median (p95) | ratio | overhead |",
         "|---|---|---|---|---|---|",
@@ -355,7 +444,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['backend']} | {r['language']} | {r['runtime_ms']['median']:.2f} ms "
             f"({r['runtime_ms']['p95']:.2f}) | {r['raw_ms']['median']:.2f} ms "
-            f"({r['raw_ms']['p95']:.2f}) | {r['ratio']:.2f}x | {r['overhead_ms']:+.2f} ms |"
+            f"({r['raw_ms']['p95']:.2f}) | {r['ratio']:.2f}x | {r['overhead_ms']:+.2f} ms"
+            f"{_each(r, 'overhead_ms', '{:+.2f}')} |"
         )
     if "floor" in results:
         f = results["floor"]
@@ -372,9 +462,29 @@ def markdown(results: dict[str, Any]) -> str:
     for t in results["throughput"]:
         lines.append(
             f"| {t['backend']} | {t['database']} | {t['workers']} | {t['worker_jobs_per_s']} | "
-            f"{t['raw_jobs_per_s']} | {t['share']:.0%} |"
+            f"{t['raw_jobs_per_s']} | {t['share']:.0%}{_each(t, 'share', '{:.0%}')} |"
         )
+    if results.get("targets"):
+        lines += [
+            "",
+            f"| backend | overhead (target at most +{OVERHEAD_TARGET_MS} ms) | jobs/s share, "
+            f"SQLite, 1 worker (target at least {SHARE_TARGET:.0%}) |",
+            "|---|---|---|",
+        ]
+        for t in results["targets"]:
+            share = "not measured" if t["share"] is None else f"{t['share']:.0%}"
+            lines.append(
+                f"| {t['backend']} | {t['overhead_ms']:+.2f} ms "
+                f"{'met' if t['overhead_met'] else 'not met'} | "
+                f"{share} {'met' if t['share_met'] else 'not met'} |"
+            )
     return "\n".join(lines)
+
+
+def _each(row: dict[str, Any], key: str, form: str) -> str:
+    """Each run's value of a headline figure, where there were several runs."""
+    values = row.get(f"{key}_runs")
+    return f" ({', '.join(form.format(v) for v in values)})" if values else ""
 
 
 def _interleaved(

@@ -21,29 +21,11 @@ def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
     postgres = None if postgres_unavailable() else postgres_url()
     if postgres:
         env["DATABASE_URL"] = postgres
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "runtime.cli",
-            "bench",
-            "--runs",
-            "3",
-            "--backend",
-            "none",
-            "--throughput-jobs",
-            "10",
-            "--json",
-            str(out),
-            "--markdown",
-        ],
-        cwd=ROOT,
+    proc = bench(
+        "--runs", "3", "--backend", "none", "--throughput-jobs", "10",
+        "--json", str(out), "--markdown",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())
     assert [(r["backend"], r["language"]) for r in results["per_job"]] == [
@@ -62,3 +44,46 @@ def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
     for row in results["throughput"]:
         assert row["backend"] == "none" and row["share"] > 0
     assert "(floor: guarantees only)" in proc.stdout and "| none | bash |" in proc.stdout
+    (target,) = results["targets"]  # issue 17's, read on the bash rows
+    assert (
+        target["backend"] == "none"
+        and target["overhead_ms"] == results["per_job"][0]["overhead_ms"]
+    )
+    assert "target at least 80%" in proc.stdout
+
+
+def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`orvanta bench ARGS` from the checkout; without `env`, on SQLite alone."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_bench_repeat_reports_the_median_of_whole_runs(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = bench(
+        "--repeat", "2", "--runs", "2", "--backend", "none", "--throughput-jobs", "5",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "run 2 of 2" in proc.stderr
+    results = json.loads(out.read_text())
+    assert results["repeat"] == 2
+    for row in results["per_job"]:
+        assert len(row["overhead_ms_runs"]) == 2
+        assert row["overhead_ms"] == pytest.approx(sum(row["overhead_ms_runs"]) / 2, abs=0.001)
+    assert len(results["throughput"][0]["share_runs"]) == 2
+
+
+def test_bench_refuses_a_repeat_below_one() -> None:
+    proc = bench("--repeat", "0")
+    assert proc.returncode != 0
+    assert "--repeat must be 1 or more, not 0" in proc.stderr
