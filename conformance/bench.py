@@ -65,6 +65,10 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
         "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.release()}",
     }
     postgres = bench_queue.postgres_url(settings.database_url)
+    if args.queue and args.repeat != 1:
+        raise SystemExit(
+            "orvanta bench: --repeat is for the per-job and throughput runs, not --queue"
+        )
     if args.queue:
         results = {**header, **bench_queue.run(args, postgres)}
         return _emit(results, args, bench_queue.markdown)
@@ -116,8 +120,9 @@ HEADLINE = ("overhead_ms", "ratio", "share", "worker_jobs_per_s", "raw_jobs_per_
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs as one: every number the median of the runs' (rows matched by backend,
-    language, database and workers), each headline figure's values kept as `NAME_runs`."""
+    """Several runs as one: every number the median of the runs' (a row with the row in the
+    same place of every run: each run measures the same backends and queues in the same
+    order), each headline figure's values kept as `NAME_runs`."""
     first = runs[0]
     return {
         "runs": first["runs"],

@@ -83,7 +83,10 @@ def test_bench_repeat_reports_the_median_of_whole_runs(tmp_path: Path) -> None:
     assert len(results["throughput"][0]["share_runs"]) == 2
 
 
-def test_bench_refuses_a_repeat_below_one() -> None:
+def test_bench_refuses_a_repeat_it_cannot_do() -> None:
     proc = bench("--repeat", "0")
     assert proc.returncode != 0
     assert "--repeat must be 1 or more, not 0" in proc.stderr
+    proc = bench("--queue", "--repeat", "3")
+    assert proc.returncode != 0
+    assert "--repeat is for the per-job and throughput runs, not --queue" in proc.stderr
