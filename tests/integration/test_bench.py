@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import ROOT
+from cli_helpers import ROOT, cli_command
 
 
 def test_bench_writes_per_job_floor_and_throughput(tmp_path: Path) -> None:
@@ -57,7 +56,7 @@ def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     if env is None:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "bench", *args],
+        cli_command("bench", *args),
         cwd=ROOT,
         env=env,
         capture_output=True,
