@@ -26,7 +26,7 @@ from typing import Any
 from conformance import bench_queue
 from runtime import idmap
 from runtime.backends.nsjail import render_config
-from runtime.backends.unshare import launch_flags
+from runtime.backends.unshare import drop_caps, launch_flags
 from runtime.executor import JobRunner
 from runtime.idmap import let_jobs_through
 from runtime.jobs import JobSpec
@@ -288,7 +288,8 @@ def floor(runs: int) -> dict[str, Any]:
 def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> list[str]:
     """The raw tool launching the same trivial command, as an operator would by hand, with the
     same isolation the runtime gives: the hardened unshare flags (the job's root mapped to
-    ORVANTA_JOB_UID, which needs the id-map helpers on PATH) and nsjail's config."""
+    ORVANTA_JOB_UID, which needs the id-map helpers on PATH) with the job's capabilities
+    dropped, and nsjail's config."""
     script = tmp / ("raw.sh" if language == "bash" else "raw.py")
     script.write_text(SCRIPTS[language])
     command = (
@@ -301,12 +302,14 @@ def raw_command(backend: str, language: str, settings: Settings, tmp: Path) -> l
     if backend == "unshare":
         assert unshare and caps.tini.path
         helpers = f"PATH={idmap.launcher_env(settings)['PATH']}"
+        flags = launch_flags(settings, unshare)
         return [
             "/usr/bin/env",
             helpers,
             unshare,
-            *launch_flags(settings, unshare),
+            *flags,
             "--",
+            *drop_caps(flags),
             caps.tini.path,
             "-s",
             "--",

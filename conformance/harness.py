@@ -60,6 +60,7 @@ READS_NEIGHBOUR = frozenset(
         "neighbour_ipc",
         "neighbour_process",
         "ps_listing",
+        "proc_uncover",
         "state_jobs",
         "launcher_argv",
     }

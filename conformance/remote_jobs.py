@@ -52,6 +52,7 @@ NEEDS_NEIGHBOUR = (
     "proc_fd",
     "ps_listing",
     "neighbour_process",
+    "proc_uncover",
     "neighbour_files",
     "neighbour_ipc",
     "canary_tcp",

@@ -1,4 +1,6 @@
-"""PID namespace: `unshare <flags> -- dash -s -- [tini -s --] <job>` (R-PID-1, 2).
+"""PID namespace: `unshare <flags> -- [setpriv <drop all> --] dash -s -- [tini -s --] <job>`.
+
+R-PID-1, 2.
 
 unshare runs as root outside any sandbox, with the worker's fixed launcher
 environment. The job's own variables never appear on a command line: `unshare
@@ -17,6 +19,15 @@ own uid, so a variable that makes them load code (LD_PRELOAD) runs it with no
 privilege the job lacks. Every step execs, so tini is still PID 1. With a root
 worker the flags are hardened (`runtime.idmap`): the job's root maps to
 ORVANTA_JOB_UID, not the host's root.
+
+In a user namespace the job is root of it, and its namespace owns the job's mount
+namespace: with those capabilities it could unmount the /proc that `--mount-proc`
+mounted and see the host's /proc beneath it, every process on the host (R-TBL-PROC),
+besides every other privilege a namespace's root has. So setpriv, still with the
+launcher's environment, empties the bounding set and the inheritable and ambient sets
+before anything of the job's runs: from the next exec on, the job's root has no
+capability, and no exec gives one back. A user namespace the job makes itself copies
+the mounts locked: /proc cannot be unmounted there either.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ from runtime.settings import Settings
 DASH = "/bin/dash"
 DASH_REFUSES = frozenset({"OPTIND"})  # dash checks these on assignment (OPTIND: a number)
 PERL = "/usr/bin/perl"
+SETPRIV = "/usr/bin/setpriv"
+DROP_CAPS = ("--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all")
 # argv: FD, then the command. Reads NAME=VALUE records from FD, which it closes; exact for
 # any value (no shell reads it); the environment is then exactly those variables.
 APPLY_ENV = (
@@ -119,6 +132,18 @@ def parse_flags(flags: tuple[str, ...]) -> list[tuple[str, str | None]]:
                 f"unshare flag {flag!r} is no option: unshare would run it as the program"
             )
     return parsed
+
+
+def makes_user_namespace(flags: list[str] | tuple[str, ...]) -> bool:
+    """The flags give the job a user namespace of its own (`--user`, or an id mapping,
+    which implies one): its root there has capabilities to drop (`drop_caps`)."""
+    return any(name == "user" or name.startswith("map-") for name, _ in _parsed(tuple(flags)))
+
+
+def drop_caps(flags: list[str] | tuple[str, ...]) -> list[str]:
+    """What runs first inside the namespace: setpriv dropping every capability, where the
+    job is root of a user namespace; nothing otherwise (it runs as a plain host uid)."""
+    return [SETPRIV, *DROP_CAPS, "--"] if makes_user_namespace(flags) else []
 
 
 @functools.lru_cache(maxsize=16)
@@ -221,7 +246,8 @@ class PidNamespace:
         command = job.language.argv(script, self.settings.python_path)
         init = [self.tini, "-s", "--"] if self.tini else []
         launcher_env = idmap.launcher_env(self.settings)
-        unshare = [self.unshare, *self.flags(job), "--"]
+        flags = self.flags(job)
+        unshare = [self.unshare, *flags, "--", *drop_caps(flags)]
         if _has_dash() and not env.keys() & DASH_REFUSES:
             argv = [*unshare, DASH, "-s", "--", *init, *command]
             return Launch(argv, launcher_env, stdin=env_script(env, launcher_env).encode())
@@ -281,10 +307,33 @@ def probe_unshare(settings: Settings) -> Probe:
                 f"{why or 'unshare exited non-zero without a message'} (with the job's root "
                 f"mapped to host uid {settings.job_uid}: {' '.join(flags)})",
             )
-    problem = apply_env_problem(path, flags, settings)
+    problem = apply_env_problem(path, flags, settings) or caps_problem(path, flags, settings)
     if problem:
         return Probe(None, problem)
     return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")
+
+
+def caps_problem(unshare: str, flags: list[str], settings: Settings) -> str | None:
+    """Proof, not trust: where the job is root of a user namespace, it runs with no
+    capability at all (none effective, none in its bounding set)."""
+    drop = drop_caps(flags)
+    if not drop:
+        return None
+    if not os.access(SETPRIV, os.X_OK):
+        return (
+            f"{SETPRIV} not found: it drops the capabilities of the job's root in its user "
+            "namespace (apt util-linux)"
+        )
+    argv = [unshare, *flags, "--", *drop, "/bin/cat", "/proc/self/status"]
+    ok, output = run_probe(argv, idmap.launcher_env(settings), want_stdout=True)
+    caps = dict(
+        line.split(":", 1) for line in output.splitlines() if line.startswith("Cap") and ":" in line
+    )
+    held = {k: v.strip() for k, v in caps.items() if k in ("CapEff", "CapBnd") and int(v, 16)}
+    if ok and len(caps) >= 2 and not held:
+        return None
+    why = output.strip() if not ok else f"the job would keep capabilities {held}"
+    return f"the job's capabilities are not dropped in its user namespace: {why or 'no output'}"
 
 
 def apply_env_problem(unshare: str, flags: list[str], settings: Settings) -> str | None:

@@ -155,7 +155,7 @@ def test_weakened_configuration_exits_1_naming_property_probe_and_evidence(
     assert processes["backends"]["unshare"]["status"] == "weaker"
     assert processes["backends"]["unshare"]["cell"] == "host/current-env/unshare"
     failing = {d["probe"]: d for d in report["deviations"] if d["status"] == "fail"}
-    assert set(failing) == {"ps_listing", "neighbour_process"}
+    assert set(failing) == {"ps_listing", "neighbour_process", "proc_uncover"}
     assert "orvanta-neighbour" in failing["neighbour_process"]["evidence"]
     markdown = (tmp_path / "audit.md").read_text()
     assert "FAIL" in markdown and "ps_listing" in markdown

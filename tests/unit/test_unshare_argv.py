@@ -1,4 +1,5 @@
-"""The PID-namespace command line: `unshare <flags> -- dash -s -- [tini -s --] <job>`.
+"""The PID-namespace command line: `unshare <flags> -- [setpriv <drop all> --] dash -s --
+[tini -s --] <job>`.
 
 R-PID-1, R-PID-2; the flags as configured when ORVANTA_JOB_UID=0 (the page's literal
 recipe), hardened so that the job's root is an unprivileged host uid otherwise
@@ -22,11 +23,15 @@ from runtime.backends import unshare as unshare_module
 from runtime.backends.unshare import (
     APPLY_ENV,
     DASH,
+    DROP_CAPS,
     PERL,
+    SETPRIV,
     PidNamespace,
     UnshareFlagError,
+    drop_caps,
     env_script,
     hardened_flags,
+    makes_user_namespace,
 )
 from runtime.capabilities import HostCapabilities, Probe
 from runtime.languages import language
@@ -64,7 +69,8 @@ def settings(**env: str) -> Settings:
 
 
 JOB_ENV = {"HOME": str(JOB_DIR), "MINE": "a b"}
-INNER_ENV = [DASH, "-s", "--"]
+NO_CAPS = [SETPRIV, *DROP_CAPS, "--"]  # the job's root in its user namespace: no capability
+INNER_ENV = [*NO_CAPS, DASH, "-s", "--"]
 
 
 def argv(backend: PidNamespace, lang: str) -> list[str]:
@@ -142,7 +148,8 @@ def test_perl_reads_the_variables_where_dash_cannot(
     if why == "no dash":
         monkeypatch.setattr(unshare_module, "_has_dash", lambda: False)
     launch = PidNamespace(settings(), host()).launch(prepared("bash"), job_env)
-    after = launch.argv.index("--") + 1
+    after = launch.argv.index("--") + 1 + len(NO_CAPS)
+    assert launch.argv[after - len(NO_CAPS) : after] == NO_CAPS, why
     assert launch.argv[after : after + 4] == [PERL, "-e", APPLY_ENV, "{fd0}"], why
     assert launch.stdin is None
     (records,) = launch.inputs
@@ -193,6 +200,28 @@ def test_dash_gives_the_job_exactly_its_variables_whatever_their_values(tmp_path
 def test_a_name_that_is_no_variable_name_is_refused_not_quoted() -> None:
     with pytest.raises(ValueError, match="not a variable name"):
         env_script({"A; rm -rf /": "x"}, {"PATH": "/bin"})
+
+
+@pytest.mark.req("R-TBL-PROC", "R-HOST-2")
+@pytest.mark.parametrize(
+    ("flags", "userns"),
+    [
+        ("--user --map-root-user --pid --fork --mount-proc", True),
+        ("-Urpf --mount-proc", True),
+        ("--map-root-user --pid --fork", True),  # a mapping implies --user
+        ("--map-users=70000,0,1 --map-groups=70001,0,1 --setuid=0 --pid --fork", True),
+        ("--pid --fork --mount-proc --setuid=70000 --setgid=70001", False),
+        ("--pid --fork", False),
+    ],
+)
+def test_capabilities_are_dropped_wherever_the_job_is_root_of_a_user_namespace(
+    flags: str, userns: bool
+) -> None:
+    """Root of a user namespace that owns the job's mount namespace could unmount the /proc
+    --mount-proc made and see the host's beneath it (probe proc_uncover): setpriv drops every
+    capability first. Without a user namespace the job is a plain host uid with none."""
+    assert makes_user_namespace(flags.split()) is userns
+    assert drop_caps(flags.split()) == (NO_CAPS if userns else [])
 
 
 HARDENED = ["--user", "--map-users=70000,0,1", "--map-groups=70001,0,1", "--setuid=0", "--setgid=0"]
