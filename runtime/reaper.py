@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.cgroups import read_small
+from runtime.cgroups import ROOT, is_v2, read_small
 
 log = logging.getLogger("orvanta.reaper")
 
@@ -150,7 +150,10 @@ def _exited(pid: int) -> bool:
 
 
 def _thaw(pid: int) -> None:
-    """Thaw the freezer group (v1) or the cgroup (v2) that holds `pid`."""
+    """Thaw the freezer group (v1) or the cgroup (v2) that holds `pid`. A v1 host's
+    unified hierarchy, where there is one, is at `unified/`. Opened without O_CREAT: on v1
+    /sys/fs/cgroup is a tmpfs, where a write to a path that is no group's file made a
+    stray regular file."""
     try:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
@@ -158,15 +161,20 @@ def _thaw(pid: int) -> None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            target = Path("/sys/fs/cgroup") / path.lstrip("/") / "cgroup.freeze"
-            value = "0"
+            unified = ROOT if is_v2() else ROOT / "unified"
+            target = unified / path.lstrip("/") / "cgroup.freeze"
+            value = b"0"
         elif "freezer" in controllers.split(","):
-            target = Path("/sys/fs/cgroup/freezer") / path.lstrip("/") / "freezer.state"
-            value = "THAWED"
+            target = ROOT / "freezer" / path.lstrip("/") / "freezer.state"
+            value = b"THAWED"
         else:
             continue
         try:
-            target.write_text(value)
+            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, value)
+            finally:
+                os.close(fd)
             log.warning("thawed %s to kill process %d of a finished job", target.parent, pid)
         except OSError as exc:
             log.debug("cannot thaw %s: %s", target, exc)
