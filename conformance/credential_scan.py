@@ -5,8 +5,10 @@ the worker itself. Standalone like fixtures/probes/: the Python stdlib only, one
 line. It reports names and places, never a value.
 
 SCAN=env: every visible /proc/PID/environ (and the parent's) for credential-shaped variables:
-DATABASE_URL, *_TOKEN, *_SECRET, *PASSWORD*, *_API_KEY. Processes of the audit itself (they
-carry ORVANTA_AUDIT_SESSION) are skipped. exposed: another process's such variable was read.
+DATABASE_URL, *_TOKEN, *SECRET*, *PASSWORD*, *_PASS, *_PASSWD, *API_KEY*, *ACCESS_KEY*,
+*PRIVATE_KEY*, *CREDENTIALS*, and any variable whose value is a URL with a password in it
+(scheme://user:password@). Processes of the audit itself (they carry ORVANTA_AUDIT_SESSION)
+are skipped. exposed: another process's such variable was read.
 SCAN=files: well-known credential files (.pgpass, .my.cnf, cloud and engine credentials,
 .netrc, /etc/orvanta, .env files of the usual app dirs). exposed: one was readable.
 blocked: nothing readable (evidence: what exists but refused, by errno).
@@ -19,7 +21,12 @@ import os
 import re
 from typing import Any
 
-SHAPE = re.compile(r"^(DATABASE_URL|.*_TOKEN|.*_SECRET|.*PASSWORD.*|.*_API_KEY)$", re.IGNORECASE)
+SHAPE = re.compile(
+    r"^(DATABASE_URL|.*_TOKEN|.*SECRET.*|.*PASSWORD.*|.*_PASS|.*_PASSWD|.*(API|ACCESS|PRIVATE)_KEY.*"
+    r"|.*CREDENTIALS.*)$",
+    re.IGNORECASE,
+)
+URL_PASSWORD = re.compile(rb"^[a-z][a-z0-9+.-]*://[^/@:\s]*:[^/@\s]+@", re.IGNORECASE)
 OURS = ("PROBE_", "CANARY_", "NB_")
 AUDIT_MARK = b"ORVANTA_AUDIT_SESSION="
 FILES = (
@@ -62,14 +69,13 @@ def scan_env() -> tuple[str, Any]:
             continue
         if AUDIT_MARK in data:
             continue
-        names = sorted(
-            {
-                entry.split(b"=", 1)[0].decode(errors="replace")
-                for entry in data.split(b"\0")
-                if b"=" in entry
-            }
+        entries = dict(entry.split(b"=", 1) for entry in data.split(b"\0") if b"=" in entry)
+        hits = sorted(
+            name
+            for name in (n.decode(errors="replace") for n in entries)
+            if not name.startswith(OURS)
+            and (SHAPE.match(name) or URL_PASSWORD.match(entries[name.encode(errors="replace")]))
         )
-        hits = [n for n in names if SHAPE.match(n) and not n.startswith(OURS)]
         if hits:
             found.append({"pid": pid, "comm": comm(pid), "names": hits})
     if found:

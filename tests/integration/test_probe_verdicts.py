@@ -1,0 +1,202 @@
+"""Probes say "exposed" where their attack works, and "blocked" only where it is held off.
+
+Each case builds, in a mount namespace of its own (`unshare --mount`, every mount private),
+a place where a probe's attack succeeds although something else stops it at last: a shared
+filesystem only a little larger than the quota, which ends the fill with ENOSPC past the
+limit; an engine socket at a path the old list lacked. Each has its control too, where the
+limit really holds. Nothing reaches the host: the tmpfs mounts live and die with the
+namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conformance.remote_jobs import SCAN_SCRIPT
+from conformance.resources import suite_file
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs in a namespace needs root"),
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is missing"),
+]
+
+# Run in the private namespace: mounts, then the probe as a child; its verdict on stdout.
+SCENARIO = textwrap.dedent(
+    """
+    import os, socket, subprocess, sys
+    mounts, probe, env = sys.argv[1], sys.argv[2], dict(a.split("=", 1) for a in sys.argv[3:])
+    for spec in filter(None, mounts.split(",")):
+        place, size = spec.split(":")
+        os.makedirs(place, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", place], check=True)
+    os.makedirs("/tmp/job", exist_ok=True)
+    listener = None
+    if env.pop("LISTEN", None):
+        path = "/run/k3s/containerd/containerd.sock"
+        os.makedirs(os.path.dirname(path))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4)
+    out = subprocess.run(
+        [sys.executable, probe], cwd="/tmp/job", env={**os.environ, **env},
+        capture_output=True, text=True, timeout=60,
+    ).stdout
+    print(out.strip().splitlines()[-1])
+    """
+)
+
+
+def verdict(probe: str, mounts: str, **env: str) -> dict[str, object]:
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation=private",
+            sys.executable,
+            "-c",
+            SCENARIO,
+            mounts,
+            str(suite_file(f"fixtures/probes/{probe}.py")),
+            *(f"{k}={v}" for k, v in env.items()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+SHARED = "/tmp:30,/var/tmp:30,/dev/shm:30"  # each filesystem fills up past the 20 MiB quota
+QUOTA = "/tmp:30,/tmp/job:20,/var/tmp:20,/dev/shm:20"  # each no larger than the quota
+
+
+@pytest.mark.req("R-DISK-1")
+@pytest.mark.parametrize(
+    ("probe", "mounts", "expected"),
+    [
+        ("disk_fill", SHARED, "exposed"),
+        ("disk_fill", QUOTA, "blocked"),
+        ("disk_fill_tmp", SHARED, "exposed"),
+        ("disk_fill_tmp", "/tmp:20,/var/tmp:20,/dev/shm:20", "blocked"),
+    ],
+)
+def test_a_full_shared_filesystem_is_no_quota(probe: str, mounts: str, expected: str) -> None:
+    """ENOSPC after 30 MiB against a 20 MiB quota: the job wrote past its limit; what
+    stopped it was a shared filesystem filling up (the old probes said "blocked")."""
+    result = verdict(
+        probe, mounts, PROBE_LIMIT_DISK_MB="20", PROBE_LIMIT_FILE_MB="40", PROBE_TOKEN="t35"
+    )
+    assert result["outcome"] == expected, result
+
+
+@pytest.mark.req("R-TBL-RES")
+@pytest.mark.parametrize(("size", "expected"), [("30", "exposed"), ("16", "blocked")])
+def test_file_size_counts_only_a_stop_within_the_limit(size: str, expected: str) -> None:
+    result = verdict("file_size", f"/tmp:{size}", PROBE_LIMIT_FILE_MB="20")
+    assert result["outcome"] == expected, result
+
+
+@pytest.mark.req("R-HOST-1")
+@pytest.mark.parametrize(("listen", "expected"), [("1", "exposed"), ("", "blocked")])
+def test_engine_socket_finds_k3s_containerd(listen: str, expected: str) -> None:
+    """On a k3s node containerd listens at /run/k3s/containerd/containerd.sock, which the
+    old list lacked: it said "blocked, no engine socket exists here"."""
+    env = {"LISTEN": listen} if listen else {}
+    result = verdict("engine_socket", "/run:8", **env)
+    assert result["outcome"] == expected, result
+
+
+def among_processes(probe: str, argv: list[str], env: dict[str, str]) -> dict[str, object]:
+    """The probe run in a PID namespace of its own beside one process, `argv` with `env`: the
+    only other process it can see."""
+    script = suite_file(f"fixtures/probes/{probe}.py")
+    if probe.startswith("credentials_"):  # the remote audit's scan, not a matrix probe
+        script = SCAN_SCRIPT
+    beside = " ".join(f"'{a}'" for a in argv)
+    done = subprocess.run(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount",
+            "--mount-proc",
+            "sh",
+            "-c",
+            f"{beside} & sleep 0.3; SCAN=env '{sys.executable}' '{script}'; kill $!",
+        ],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(10)"]
+
+
+@pytest.mark.req("R-JOB-1")
+@pytest.mark.parametrize(
+    ("argument", "expected"),
+    [
+        ("NEIGHBOUR_TOKEN=v0123", "exposed"),
+        ("-ENEIGHBOUR_TOKEN=v0123", "exposed"),  # nsjail's -E, glued: the old probe missed it
+        ("--env=NEIGHBOUR_TOKEN=v0123", "exposed"),
+        ("--setenv NEIGHBOUR_TOKEN v0123", "exposed"),  # bwrap's form, in one argument here
+        ("orvanta-neighbour-v0123", "blocked"),  # the neighbour's own name holds no variable
+    ],
+)
+def test_launcher_argv_finds_the_variable_in_any_form(argument: str, expected: str) -> None:
+    result = among_processes("launcher_argv", [*SLEEPER, argument], {})
+    assert result["outcome"] == expected, result
+
+
+@pytest.mark.req("R-TBL-ENV")
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("REDIS_URL=redis://:pw@cache:6379/0", "exposed"),  # a password in a URL
+        ("DB_PASS=x", "exposed"),
+        ("AWS_SECRET_ACCESS_KEY=x", "exposed"),
+        ("GOOGLE_APPLICATION_CREDENTIALS=/k.json", "exposed"),
+        ("HOMEPAGE_URL=https://example.com/x", "blocked"),
+    ],
+)
+def test_credentials_env_knows_the_usual_names(variable: str, expected: str) -> None:
+    name, value = variable.split("=", 1)
+    result = among_processes("credentials_env", SLEEPER, {name: value})
+    assert result["outcome"] == expected, result
+
+
+@pytest.mark.req("R-JOB-1", "R-AGT-2")
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("ORVANTA_AGENT_TOKEN", "exposed"),  # an agent's: the old probe saw only DATABASE_URL
+        ("ORVANTA_ADMIN_TOKEN", "exposed"),
+        ("DATABASE_URL", "exposed"),
+        ("ORVANTA_JOB_ID", "blocked"),  # every job's own
+    ],
+)
+def test_own_env_knows_the_workers_secrets(variable: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(suite_file("fixtures/probes/own_env.py"))],
+        env={"PATH": "/usr/bin:/bin", variable: "x"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1])["outcome"] == expected
