@@ -54,26 +54,19 @@ SCENARIO = textwrap.dedent(
 )
 
 
-def verdict(probe: str, mounts: str, **env: str) -> dict[str, object]:
-    done = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation=private",
-            sys.executable,
-            "-c",
-            SCENARIO,
-            mounts,
-            str(suite_file(f"fixtures/probes/{probe}.py")),
-            *(f"{k}={v}" for k, v in env.items()),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+def last_verdict(argv: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+    """The JSON verdict on the last stdout line of `argv`."""
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=True)
     result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def verdict(probe: str, mounts: str, **env: str) -> dict[str, object]:
+    """The probe run in a mount namespace of its own, with the tmpfs `mounts` (place:MiB)."""
+    script = str(suite_file(f"fixtures/probes/{probe}.py"))
+    variables = [f"{k}={v}" for k, v in env.items()]
+    private = ["unshare", "--mount", "--propagation=private"]
+    return last_verdict([*private, sys.executable, "-c", SCENARIO, mounts, script, *variables])
 
 
 SHARED = "/tmp:30,/var/tmp:30,/dev/shm:30"  # each filesystem fills up past the 20 MiB quota
@@ -123,25 +116,9 @@ def among_processes(probe: str, argv: list[str], env: dict[str, str]) -> dict[st
     if probe.startswith("credentials_"):  # the remote audit's scan, not a matrix probe
         script = SCAN_SCRIPT
     beside = " ".join(f"'{a}'" for a in argv)
-    done = subprocess.run(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount",
-            "--mount-proc",
-            "sh",
-            "-c",
-            f"{beside} & sleep 0.3; SCAN=env '{sys.executable}' '{script}'; kill $!",
-        ],
-        env={"PATH": "/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    run = f"{beside} & sleep 0.3; SCAN=env '{sys.executable}' '{script}'; kill $!"
+    in_own_pid_namespace = ["unshare", "--pid", "--fork", "--mount", "--mount-proc"]
+    return last_verdict([*in_own_pid_namespace, "sh", "-c", run], {"PATH": "/usr/bin:/bin", **env})
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(10)"]
@@ -191,12 +168,6 @@ def test_credentials_env_knows_the_usual_names(variable: str, expected: str) -> 
     ],
 )
 def test_own_env_knows_the_workers_secrets(variable: str, expected: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(suite_file("fixtures/probes/own_env.py"))],
-        env={"PATH": "/usr/bin:/bin", variable: "x"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert json.loads(done.stdout.strip().splitlines()[-1])["outcome"] == expected
+    own_env = [sys.executable, str(suite_file("fixtures/probes/own_env.py"))]
+    result = last_verdict(own_env, {"PATH": "/usr/bin:/bin", variable: "x"})
+    assert result["outcome"] == expected, result
