@@ -37,6 +37,7 @@ SCENARIO = textwrap.dedent(
         place, size = spec.split(":")
         os.makedirs(place, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", place], check=True)
+    assert mounts.startswith("/tmp:"), "the job dir is made in the namespace's own /tmp"
     os.makedirs("/tmp/job", exist_ok=True)
     listener = None
     if env.pop("LISTEN", None):
@@ -105,7 +106,7 @@ def test_engine_socket_finds_k3s_containerd(listen: str, expected: str) -> None:
     """On a k3s node containerd listens at /run/k3s/containerd/containerd.sock, which the
     old list lacked: it said "blocked, no engine socket exists here"."""
     env = {"LISTEN": listen} if listen else {}
-    result = verdict("engine_socket", "/run:8", **env)
+    result = verdict("engine_socket", "/tmp:8,/run:8", **env)
     assert result["outcome"] == expected, result
 
 
@@ -171,3 +172,47 @@ def test_own_env_knows_the_workers_secrets(variable: str, expected: str) -> None
     own_env = [sys.executable, str(suite_file("fixtures/probes/own_env.py"))]
     result = last_verdict(own_env, {"PATH": "/usr/bin:/bin", variable: "x"})
     assert result["outcome"] == expected, result
+
+
+# A jobs root with many job-dir mounts older than the neighbour's, whose dir a regression
+# left readable (0755): the probe, as an unprivileged uid, must still get to it.
+MANY_MOUNTS = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    probe, count = sys.argv[1], int(sys.argv[2])
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", "/tmp"], check=True)
+    base = "/tmp/state-jobs-test"
+    os.makedirs(base + "/state", mode=0o700)
+    root = base + "/state-jobs"
+    os.makedirs(root, mode=0o711)
+    def job_dir(name, mode):
+        path = f"{root}/{name}/job"
+        os.makedirs(path)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=1m,mode={mode}", "tmpfs", path],
+                       check=True)
+        os.chmod(f"{root}/{name}", 0o711)
+        return path
+    for i in range(count):
+        job_dir(f"old{i:04d}", "0700")
+    with open(job_dir("neighbour", "0755") + "/neighbour.txt", "w") as f:
+        f.write("ORVANTA_CANARY neighbour data\\n")
+    own = job_dir("own", "0755")
+    os.chown(own, 65534, 65534)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    env = {"PATH": "/usr/bin:/bin", "CANARY_STATE_DIR": base + "/state"}
+    out = subprocess.run([*as_nobody, sys.executable, probe], cwd=own, env=env,
+                         capture_output=True, text=True, timeout=60).stdout
+    print(out.strip().splitlines()[-1])
+    """
+)
+
+
+@pytest.mark.req("R-HOST-4")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
+def test_state_jobs_reaches_the_newest_job_mount_past_many_older_ones() -> None:
+    """The old probe tried the first 50 `.../job` mount points in mountinfo (oldest first):
+    with 60 older job mounts it never reached the neighbour's."""
+    script = str(suite_file("fixtures/probes/state_jobs.py"))
+    private = ["unshare", "--mount", "--propagation=private"]
+    result = last_verdict([*private, sys.executable, "-c", MANY_MOUNTS, script, "60"])
+    assert result["outcome"] == "exposed", result
