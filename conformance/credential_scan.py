@@ -70,11 +70,11 @@ def scan_env() -> tuple[str, Any]:
         if AUDIT_MARK in data:
             continue
         entries = dict(entry.split(b"=", 1) for entry in data.split(b"\0") if b"=" in entry)
+        named = {name.decode(errors="replace"): value for name, value in entries.items()}
         hits = sorted(
             name
-            for name in (n.decode(errors="replace") for n in entries)
-            if not name.startswith(OURS)
-            and (SHAPE.match(name) or URL_PASSWORD.match(entries[name.encode(errors="replace")]))
+            for name, value in named.items()
+            if not name.startswith(OURS) and (SHAPE.match(name) or URL_PASSWORD.match(value))
         )
         if hits:
             found.append({"pid": pid, "comm": comm(pid), "names": hits})

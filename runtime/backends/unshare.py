@@ -142,7 +142,9 @@ def makes_user_namespace(flags: list[str] | tuple[str, ...]) -> bool:
 
 def drop_caps(flags: list[str] | tuple[str, ...]) -> list[str]:
     """What runs first inside the namespace: setpriv dropping every capability, where the
-    job is root of a user namespace; nothing otherwise (it runs as a plain host uid)."""
+    job has a user namespace of its own. Nothing otherwise: without one, the hardened flags
+    make the job a plain host uid with no capability (the page's literal recipe with
+    ORVANTA_JOB_UID=0 and no --user keeps the host's root, which the audit reports)."""
     return [SETPRIV, *DROP_CAPS, "--"] if makes_user_namespace(flags) else []
 
 
@@ -307,7 +309,10 @@ def probe_unshare(settings: Settings) -> Probe:
                 f"{why or 'unshare exited non-zero without a message'} (with the job's root "
                 f"mapped to host uid {settings.job_uid}: {' '.join(flags)})",
             )
-    problem = apply_env_problem(path, flags, settings) or caps_problem(path, flags, settings)
+    try:
+        problem = apply_env_problem(path, flags, settings) or caps_problem(path, flags, settings)
+    except ValueError as exc:  # a flag the worker cannot read as unshare would
+        return Probe(None, f"{exc}; write each flag out in full (e.g. --map-root-user)")
     if problem:
         return Probe(None, problem)
     return Probe(path, f"{path} with flags {' '.join(settings.unshare_flags)}: ok")
@@ -326,11 +331,13 @@ def caps_problem(unshare: str, flags: list[str], settings: Settings) -> str | No
         )
     argv = [unshare, *flags, "--", *drop, "/bin/cat", "/proc/self/status"]
     ok, output = run_probe(argv, idmap.launcher_env(settings), want_stdout=True)
-    caps = dict(
-        line.split(":", 1) for line in output.splitlines() if line.startswith("Cap") and ":" in line
-    )
-    held = {k: v.strip() for k, v in caps.items() if k in ("CapEff", "CapBnd") and int(v, 16)}
-    if ok and len(caps) >= 2 and not held:
+    status = dict(line.split(":", 1) for line in output.splitlines() if ":" in line)
+    # the bounding set is what an exec gives root back; a job that is not root inside (a
+    # mapping to another uid) gets nothing from it, and may not empty it either
+    root = status.get("Uid", "x x").split()[1] == "0"
+    checked = ("CapEff", "CapPrm", "CapBnd") if root else ("CapEff", "CapPrm")
+    held = {k: status[k].strip() for k in checked if k in status and int(status[k], 16)}
+    if ok and all(k in status for k in checked) and not held:
         return None
     why = output.strip() if not ok else f"the job would keep capabilities {held}"
     return f"the job's capabilities are not dropped in its user namespace: {why or 'no output'}"

@@ -116,10 +116,14 @@ def among_processes(probe: str, argv: list[str], env: dict[str, str]) -> dict[st
     script = suite_file(f"fixtures/probes/{probe}.py")
     if probe.startswith("credentials_"):  # the remote audit's scan, not a matrix probe
         script = SCAN_SCRIPT
-    beside = " ".join(f"'{a}'" for a in argv)
+    # through variables: sh's own argv (a process the probe sees too) must not hold them
+    args = {f"BESIDE_ARG{i}": arg for i, arg in enumerate(argv)}
+    beside = " ".join(f'"${name}"' for name in args)
     run = f"{beside} & sleep 0.3; SCAN=env '{sys.executable}' '{script}'; kill $!"
     in_own_pid_namespace = ["unshare", "--pid", "--fork", "--mount", "--mount-proc"]
-    return last_verdict([*in_own_pid_namespace, "sh", "-c", run], {"PATH": "/usr/bin:/bin", **env})
+    return last_verdict(
+        [*in_own_pid_namespace, "sh", "-c", run], {"PATH": "/usr/bin:/bin", **args, **env}
+    )
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(10)"]

@@ -298,3 +298,28 @@ def test_make_backend_returns_the_pid_namespace() -> None:
     backend = make_backend("unshare", settings(), host())
     assert backend.name == "unshare"
     assert backend.launch(prepared("python3"), {}).argv[0] == "/usr/bin/unshare"
+
+
+def status(uid: int, eff: str, bnd: str) -> str:
+    """What `cat /proc/self/status` prints inside the namespace, the lines that matter."""
+    return f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nCapPrm:\t{eff}\nCapEff:\t{eff}\nCapBnd:\t{bnd}\n"
+
+
+@pytest.mark.req("R-TBL-PROC", "R-HOST-2")
+@pytest.mark.parametrize(
+    ("shown", "refused"),
+    [
+        (status(0, "0" * 16, "0" * 16), False),
+        (status(0, "0" * 16, "000001ffffffffff"), True),  # root inside, an exec gives them back
+        (status(0, "000001ffffffffff", "0" * 16), True),
+        (status(1000, "0" * 16, "000001ffffffffff"), False),  # not root inside: nothing to give
+        (status(1000, "0000000000200000", "0" * 16), True),  # CAP_SYS_ADMIN held
+    ],
+)
+def test_the_worker_proves_the_jobs_capabilities_are_gone(
+    shown: str, refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unshare_module, "run_probe", lambda *a, **k: (True, shown))
+    monkeypatch.setattr(unshare_module.os, "access", lambda *a: True)
+    problem = unshare_module.caps_problem("/usr/bin/unshare", ["--user", "--pid"], settings())
+    assert (problem is not None) is refused, problem
