@@ -320,6 +320,6 @@ def test_the_worker_proves_the_jobs_capabilities_are_gone(
     shown: str, refused: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(unshare_module, "run_probe", lambda *a, **k: (True, shown))
-    monkeypatch.setattr(unshare_module.os, "access", lambda *a: True)
+    monkeypatch.setattr(os, "access", lambda *a: True)
     problem = unshare_module.caps_problem("/usr/bin/unshare", ["--user", "--pid"], settings())
     assert (problem is not None) is refused, problem
