@@ -319,8 +319,8 @@ def probe_unshare(settings: Settings) -> Probe:
 
 
 def caps_problem(unshare: str, flags: list[str], settings: Settings) -> str | None:
-    """Proof, not trust: where the job is root of a user namespace, it runs with no
-    capability at all (none effective, none in its bounding set)."""
+    """Proof, not trust: where the job has a user namespace, it runs with no capability
+    (none effective or permitted; as root inside, none in its bounding set either)."""
     drop = drop_caps(flags)
     if not drop:
         return None
