@@ -26,19 +26,26 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs in a namespace needs root"),
     pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is missing"),
+    pytest.mark.skipif(not os.access("/usr/bin/python3", os.X_OK), reason="no /usr/bin/python3"),
 ]
+# The scenarios cover /tmp, where the checkout and its venv may lie (a CI clone does): each
+# reads the probe first, writes it into its own /tmp, and runs it with the system's Python
+# (probes need the stdlib only), as a job would.
 
 # Run in the private namespace: mounts, then the probe as a child; its verdict on stdout.
 SCENARIO = textwrap.dedent(
     """
     import os, socket, subprocess, sys
     mounts, probe, env = sys.argv[1], sys.argv[2], dict(a.split("=", 1) for a in sys.argv[3:])
+    source = open(probe).read()
     for spec in filter(None, mounts.split(",")):
         place, size = spec.split(":")
         os.makedirs(place, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", place], check=True)
     assert mounts.startswith("/tmp:"), "the job dir is made in the namespace's own /tmp"
     os.makedirs("/tmp/job", exist_ok=True)
+    with open("/tmp/probe.py", "w") as f:
+        f.write(source)
     listener = None
     if env.pop("LISTEN", None):
         path = "/run/k3s/containerd/containerd.sock"
@@ -47,7 +54,7 @@ SCENARIO = textwrap.dedent(
         listener.bind(path)
         listener.listen(4)
     out = subprocess.run(
-        [sys.executable, probe], cwd="/tmp/job", env={**os.environ, **env},
+        ["/usr/bin/python3", "/tmp/probe.py"], cwd="/tmp/job", env={**os.environ, **env},
         capture_output=True, text=True, timeout=60,
     ).stdout
     print(out.strip().splitlines()[-1])
@@ -184,7 +191,11 @@ MANY_MOUNTS = textwrap.dedent(
     """
     import os, subprocess, sys
     probe, count = sys.argv[1], int(sys.argv[2])
+    source = open(probe).read()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", "/tmp"], check=True)
+    with open("/tmp/probe.py", "w") as f:
+        f.write(source)
+    os.chmod("/tmp/probe.py", 0o644)
     base = "/tmp/state-jobs-test"
     os.makedirs(base + "/state", mode=0o700)
     root = base + "/state-jobs"
@@ -204,7 +215,7 @@ MANY_MOUNTS = textwrap.dedent(
     os.chown(own, 65534, 65534)
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     env = {"PATH": "/usr/bin:/bin", "CANARY_STATE_DIR": base + "/state"}
-    out = subprocess.run([*as_nobody, sys.executable, probe], cwd=own, env=env,
+    out = subprocess.run([*as_nobody, "/usr/bin/python3", "/tmp/probe.py"], cwd=own, env=env,
                          capture_output=True, text=True, timeout=60).stdout
     print(out.strip().splitlines()[-1])
     """
