@@ -59,10 +59,26 @@ def upgrade(db: Database) -> None:
     for column in ADDED_COLUMNS:
         if column not in have:
             db.execute(f"ALTER TABLE {HOT} ADD COLUMN {column} {COLUMNS[column]}")
+    indexes = existing_indexes(db)
     for index in SUPERSEDED_INDEXES:
-        db.execute(f"DROP INDEX IF EXISTS {index}")
-    db.script(INDEXES)
+        if index in indexes:
+            db.execute(f"DROP INDEX IF EXISTS {index}")
+    # Only what is missing: CREATE INDEX takes its table's SHARE lock even when the index
+    # exists, and held to the end of this transaction, one on `jobs` then one on
+    # `finished_jobs` deadlocked with a running worker's result (PostgreSQL: a worker that
+    # started while another recorded a result died with DeadlockDetected).
+    for statement in INDEXES.split(";"):
+        if statement.split()[5] not in indexes:
+            db.execute(statement)
     move_to_finished(db, "status = 'done'")  # older releases finished jobs in place
+
+
+def existing_indexes(db: Database) -> set[str]:
+    """The names of the indexes the queue's database has now."""
+    if db.kind == "sqlite":
+        return {row[0] for row in db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    rows = db.query("SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()")
+    return {row[0] for row in rows}
 
 
 def move_to_finished(db: Database, where: str, params: Sequence[Any] = ()) -> None:
