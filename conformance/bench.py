@@ -203,7 +203,7 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="orvanta-bench-") as tmp:
         let_jobs_through(Path(tmp))  # jobs run as ORVANTA_JOB_UID and walk to their dirs
         settings = Settings.from_env(bench_env(backend, tmp))
-        runner = JobRunner(settings, probe_host(settings))
+        runner = JobRunner(settings, probe_host(settings), tmpfs_root=True)  # as a worker's
         raw = raw_command(backend, language, settings, Path(tmp))
         spec = SCRIPTS[language]
 
@@ -223,7 +223,7 @@ def per_job(backend: str, language: str, runs: int) -> dict[str, Any]:
         # The teardown waits for the worker's next pause (runtime.tidier): here it is run,
         # untimed, between the runtime's sample and the raw tool's, which it would slow.
         runtime_s, raw_s = _interleaved(through_runtime, through_raw, runs, runner.wait_teardowns)
-        runner.settle()
+        runner.close()
     runtime_ms, raw_ms = _stats(runtime_s), _stats(raw_s)
     return {
         "backend": backend,

@@ -77,6 +77,14 @@ class JobCgroup:
         self.v2 = v2
         self.nsjail_parents = nsjail_parents
         self.fresh = fresh  # False: left by a killed worker's attempt at the same job
+        # the job's path reads and writes these after every job: plain strings, made once
+        self._dir, self._parent = str(path), str(path.parent)
+        self._procs = f"{path}/cgroup.procs"
+        self._member, self._who = (
+            ("cgroup.procs", str(os.getpid()).encode()) if v2 else ("tasks", b"0")
+        )
+        self._hierarchy = ROOT if v2 else path.parent.parent
+        self._home: tuple[int, Path] | None = None  # set by `enter`, for `leave`
 
     @classmethod
     def create(
@@ -86,7 +94,7 @@ class JobCgroup:
         by the caller), or None where this process may not make one. Groups of `ahead` are
         renamed to the job's where they can be; it keeps the ones the job did not need."""
         v2 = is_v2()
-        base = ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
+        base = _tracking_base(v2)
         path = base / f"job-{job_id}"
         fresh = True
         for _ in range(2):
@@ -124,6 +132,11 @@ class JobCgroup:
 
     def pids(self) -> list[int]:
         """Every process in the group or in a group the job made below it."""
+        if self._alone():  # the common case, after every job: one read
+            try:
+                return [int(line) for line in read_small(self._procs).split()]
+            except OSError:
+                return []
         pids = []
         for group in self._tree():
             try:
@@ -133,49 +146,66 @@ class JobCgroup:
             pids += [int(line) for line in text.split()]
         return pids
 
+    def _alone(self) -> bool:
+        """The group has no subgroup, known from its link count where cgroupfs keeps one."""
+        try:
+            return _counts_subgroups(self._parent) and os.stat(self._dir).st_nlink <= 2
+        except OSError:
+            return False
+
     def _tree(self) -> list[Path]:
         """The group and its descendants, top-down; a job may nest (and freeze) groups below
         its own (R-HOST-5), and they must die and go with it."""
         groups = [self.path]
+        if self._alone():
+            return groups  # no subgroup: spared a walk of the group's files
         with contextlib.suppress(OSError):
-            if _counts_subgroups(self.path.parent) and os.stat(self.path).st_nlink <= 2:
-                return groups  # no subgroup: spared a walk of the group's files
             for top, dirs, _ in os.walk(self.path):
                 groups += [Path(top) / d for d in dirs]
         return groups
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        """The calling thread inside the job's group, so that what it spawns is born there.
+    def enter(self) -> None:
+        """The calling thread inside the job's group, so that what it spawns is born there;
+        `leave` must follow, on the same thread (a plain pair, not a context manager: the
+        job's path takes it after every job).
 
         On v1 only the thread moves (it writes "0" to `tasks`), which the kernel does without
         the lock a whole-process move takes: that lock waits for an RCU grace period, up to
         a millisecond a move after jobs that made namespaces. A v2 domain group takes whole
         processes only.
         """
-        hierarchy = self.path.parent.parent if not self.v2 else ROOT
-        member, who = ("cgroup.procs", str(os.getpid()).encode()) if self.v2 else ("tasks", b"0")
-        home, home_path = _home(hierarchy, member)
-        _write(self.path / member, who)
+        self._home = _home(self._hierarchy, self._member)  # opened while still outside
+        _write(f"{self._dir}/{self._member}", self._who)
+
+    def leave(self) -> None:
+        """The calling thread back in the group it was in before `enter`."""
+        assert self._home is not None, "leave without enter"
+        home, home_path = self._home
+        try:
+            os.write(home, self._who)
+        except OSError as exc:
+            # The home group was removed meanwhile. Never asked of /proc from in here (it
+            # would name the job's group): the hierarchy's root, which always exists.
+            _forget_home(self._hierarchy, self._member)
+            try:
+                _write(self._hierarchy / self._member, self._who)
+                log.warning(
+                    "home cgroup %s is gone (%s); the worker moved to %s",
+                    home_path,
+                    exc,
+                    self._hierarchy,
+                )
+            except OSError as again:
+                log.error("worker stays in job group %s: %s", self.path, again)
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """`enter`, then `leave` at the end of the block."""
+        self.enter()
         try:
             yield
         finally:
-            try:
-                os.write(home, who)
-            except OSError as exc:
-                # The home group was removed meanwhile. Never asked of /proc from in here (it
-                # would name the job's group): the hierarchy's root, which always exists.
-                _forget_home(hierarchy, member)
-                try:
-                    _write(hierarchy / member, who)
-                    log.warning(
-                        "home cgroup %s is gone (%s); the worker moved to %s",
-                        home_path,
-                        exc,
-                        hierarchy,
-                    )
-                except OSError as again:
-                    log.error("worker stays in job group %s: %s", self.path, again)
+            self.leave()
 
     def kill_all(self, deadline: float = 5.0) -> int:
         """SIGKILL every process in the group until it is empty; returns how many were hit."""
@@ -238,6 +268,12 @@ class JobCgroup:
 
 
 _MADE: set[Path] = set()  # parents this process has made (or found) already
+
+
+@functools.cache
+def _tracking_base(v2: bool) -> Path:
+    """The parent of the job groups: one object, whose hash (asked after every job) is kept."""
+    return ROOT / PARENT if v2 else ROOT / "freezer" / PARENT
 
 
 @dataclass
@@ -334,10 +370,10 @@ def _started(pid: int) -> str:
     return stat.rpartition(")")[2].split()[19]
 
 
-_COUNTED: dict[Path, bool] = {}
+_COUNTED: dict[str, bool] = {}
 
 
-def _counts_subgroups(parent: Path) -> bool:
+def _counts_subgroups(parent: str) -> bool:
     """Linux's cgroupfs gives a group 2 links plus 1 per subgroup. Asked once per parent of
     job groups, while it holds one (gVisor's cgroupfs, say, might not count them)."""
     if parent not in _COUNTED:
@@ -345,22 +381,23 @@ def _counts_subgroups(parent: Path) -> bool:
     return _COUNTED[parent]
 
 
-_HOMES: dict[tuple[Path, str, int, int], tuple[int, Path]] = {}
+_HOMES: dict[tuple[str, str, int, int], tuple[int, Path]] = {}
 
 
 def _home(hierarchy: Path, member: str) -> tuple[int, Path]:
     """An open fd on `member` of the calling thread's group at its first job, and its path:
     where it returns after each spawn. One per thread (v1 moves threads one by one) and
     process; looked up only while the thread is outside every job's group."""
-    key = (hierarchy, member, os.getpid(), threading.get_native_id())
-    if key not in _HOMES:
+    key = (str(hierarchy), member, os.getpid(), threading.get_native_id())
+    home = _HOMES.get(key)
+    if home is None:
         path = _own_group(hierarchy) / member
-        _HOMES[key] = (os.open(path, os.O_WRONLY | os.O_CLOEXEC), path)
-    return _HOMES[key]
+        home = _HOMES[key] = (os.open(path, os.O_WRONLY | os.O_CLOEXEC), path)
+    return home
 
 
 def _forget_home(hierarchy: Path, member: str) -> None:
-    home = _HOMES.pop((hierarchy, member, os.getpid(), threading.get_native_id()), None)
+    home = _HOMES.pop((str(hierarchy), member, os.getpid(), threading.get_native_id()), None)
     if home is not None:
         os.close(home[0])
 
@@ -375,7 +412,7 @@ def _own_group(hierarchy: Path) -> Path:
     raise RuntimeError(f"this process is in no {controller} cgroup")
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path | str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         os.write(fd, data)

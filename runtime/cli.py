@@ -263,7 +263,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from runtime.worker import start
 
     lang, script, env = _job(args)
-    runner = start(settings)
+    runner = start(settings, serving=False)
     spec = JobSpec(uuid.uuid4().hex[:16], lang, script, env, args.timeout, args.workspace)
     result = runner.run(spec)
     runner.settle()

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,14 @@ from runtime import idmap, reaper
 from runtime.backends import Backend, Launch, PreparedJob, make_backend, memory_file
 from runtime.capabilities import HostCapabilities
 from runtime.cgroups import AheadGroups, JobCgroup, job_group, nsjail_cgroup_parent, sweep_ahead
-from runtime.jobdir import JobDir, held, remove_tree, sweep_orphans
+from runtime.jobdir import (
+    JobDir,
+    held,
+    mount_root,
+    remove_tree,
+    sweep_orphans,
+    unmount_root,
+)
 from runtime.jobs import JobResult as JobResult  # re-exported: conformance.harness imports it
 from runtime.jobs import JobSpec
 from runtime.languages import VolumeRequest, is_plain_name, language, parse_header
@@ -116,7 +123,12 @@ class Prepared:
 class JobRunner:
     """Executes jobs on this worker; one instance per worker, reused for every job."""
 
-    def __init__(self, settings: Settings, caps: HostCapabilities) -> None:
+    def __init__(
+        self, settings: Settings, caps: HostCapabilities, tmpfs_root: bool = False
+    ) -> None:
+        """`tmpfs_root`: a root worker mounts a tmpfs of its own at the jobs root where it can
+        (`runtime.jobdir.mount_root`), as `orvanta worker` does; the tmpfs each job gets is
+        made either way."""
         self.settings = settings
         self.caps = caps
         settings.job_root.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -128,11 +140,16 @@ class JobRunner:
         swept = sweep_orphans(self.jobs_dir)
         if swept:
             log.warning("removed %d job dir(s) a killed worker left: %s", len(swept), swept)
+        self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
+        self._root_mounted = (
+            tmpfs_root and self._mount and mount_root(self.jobs_dir, settings.limits.disk_mb)
+        )
+        if self._root_mounted:
+            log.info("jobs root %s: a tmpfs of its own (job dirs in memory)", self.jobs_dir)
         groups = sweep_ahead()
         if groups:
             log.info("removed %d empty cgroup(s) a stopped worker made ahead", len(groups))
         reaper.become_subreaper()  # a job's process that leaves its cgroup is still ours
-        self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
         self._tidier = Tidier()  # what finished jobs leave goes while the next one runs
         self._ahead: list[JobDir] = []  # a job dir the tidier made for the next job
         self._groups_ahead = AheadGroups()  # cgroups the tidier made for the next job (v1)
@@ -145,7 +162,7 @@ class JobRunner:
         self._ahead_job: Prepared | None = None  # the next job, prepared while one runs
         self._attached: list[JobDir] = []  # finished jobs' tmpfs not detached yet (_let_go)
         self._attached_lock = threading.Lock()  # held through a detach
-        atexit.register(self.settle)  # what the last job left is removed at exit too
+        atexit.register(self._at_exit)  # what the last job left is removed at exit too
 
     def run(
         self,
@@ -325,8 +342,18 @@ class JobRunner:
 
     def close(self) -> None:
         """`settle`, for a runner done with (a test): nothing is left for the exit."""
-        self.settle()
-        atexit.unregister(self.settle)
+        self._at_exit()
+        atexit.unregister(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """`settle`, then the jobs root's tmpfs unmounted if this runner mounted it and no
+        other worker's job dir is in it."""
+        try:
+            self.settle()
+        finally:
+            if self._root_mounted:
+                self._root_mounted = False
+                unmount_root(self.jobs_dir)
 
     def __enter__(self) -> JobRunner:
         return self
@@ -543,19 +570,20 @@ class JobRunner:
         job.launch = backend.launch(job.job, _job_env(spec, backend.inner_dir(job.job)))
 
     def _let_go(self, job: Prepared, now: bool = False) -> None:
-        """The job's mounts detached now (no later job's namespace may copy them), the rest
-        handed to the tidier (`_tidy`) once it ended. Where the job's backend made no mount
-        namespace (`none`), no namespace of this worker copied its tmpfs: it is detached in
-        the teardown, or before the spawn of a job whose namespace would copy it
-        (`_detach_deferred`), whichever comes first, not between the two jobs. A teardown on
-        the tidier's own thread (volumes, a plain dir) detaches it here. `now`: a job that
+        """The job's mounts detached, the rest handed to the tidier (`_tidy`) once it ended.
+        No later job's mount namespace may copy them: the job's tmpfs is detached in the
+        teardown, or before the spawn of a job whose namespace would copy it
+        (`_detach_deferred`), whichever comes first, not between the two jobs (a lone job's
+        result waits for neither). The job's own namespace, which copied it, died with the
+        job. A teardown on the tidier's own thread (volumes, a plain dir) detaches it here,
+        as does a job whose backend is not known. `now`: a job that
         never ran (prepared ahead, then discarded) is torn down here, this one alone (its
         place holds only the script), so it is gone from under its id before the job goes
         back to the queue, without waiting for other jobs' teardowns."""
         place = job.place
         if place is not None:
-            copied = job.backend is None or job.backend.copies_mounts
-            if now or copied or not place.quota or place.volume_fds or job.volume_fds:
+            unknown = job.backend is None
+            if now or unknown or not place.quota or place.volume_fds or job.volume_fds:
                 place.unmount()
             else:  # a light teardown (on this thread) detaches it, or a spawn that would copy it
                 with self._attached_lock:
@@ -634,7 +662,6 @@ class JobRunner:
         # born in the job's cgroup and at the job's OOM score because the worker takes both on
         # for the spawn; every process of the job inherits them, with no race.
         spared = frozenset(reaper.own_children())
-        joined = cgroup.entered() if cgroup is not None else contextlib.nullcontext()
         fds: list[int] = []
         stdin = subprocess.DEVNULL
         pipes = _JobPipes()
@@ -645,7 +672,7 @@ class JobRunner:
                 stdin = memory_file(launch.stdin)
             argv = launch.argv_for(fds)
             # no helper of the tidier's is spawned meanwhile: on v2 it would be born in here
-            with reaper.spawning(), joined, _oom_score(JOB_OOM_SCORE_ADJ):
+            with reaper.spawning(), _Birthplace(cgroup):
                 proc = subprocess.Popen(
                     argv,
                     stdin=stdin,
@@ -785,24 +812,40 @@ def _job_env(spec: JobSpec, home: str) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _oom_score(value: bytes) -> Iterator[None]:
-    """The worker's oom_score_adj set to `value` for the moment of a spawn (R-NSJ-3).
+class _Birthplace:
+    """The job's cgroup and OOM score, taken on by the spawning thread for the moment of a
+    spawn, so that the job is born with both (R-JOB-3, R-NSJ-3); given back after it.
 
-    Raising it, and lowering it back to where it was, needs no privilege; the job
-    inherits the raised value, so it, not the worker, is what the OOM killer takes.
-    The file stays open and its old value known: two writes per job, no opens.
+    Raising oom_score_adj, and lowering it back to where it was, needs no privilege; the
+    job inherits the raised value, so it, not the worker, is what the OOM killer takes.
+    The file stays open and its old value known: two writes per job, no opens. A class,
+    not a generator: the job's path takes it for every job.
     """
-    handle = _oom_handle()
-    if handle is None:
-        yield
-        return
-    fd, before = handle
-    os.pwrite(fd, value, 0)
-    try:
-        yield
-    finally:
-        os.pwrite(fd, before, 0)
+
+    __slots__ = ("cgroup", "oom")
+
+    def __init__(self, cgroup: JobCgroup | None) -> None:
+        self.cgroup = cgroup
+        self.oom = _oom_handle()
+
+    def __enter__(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.enter()
+        if self.oom is not None:
+            try:
+                os.pwrite(self.oom[0], JOB_OOM_SCORE_ADJ, 0)
+            except BaseException:
+                if self.cgroup is not None:
+                    self.cgroup.leave()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.oom is not None:
+                os.pwrite(self.oom[0], self.oom[1], 0)
+        finally:
+            if self.cgroup is not None:
+                self.cgroup.leave()
 
 
 _OOM: dict[int, tuple[int, bytes] | None] = {}

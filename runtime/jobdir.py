@@ -366,6 +366,78 @@ def held(root: Path) -> bool:
     return False
 
 
+ROOT_SOURCE = "orvanta-root"  # the jobs root's own tmpfs, by its name in the mount table
+
+
+def mount_root(jobs_root: Path, size_mb: int) -> bool:
+    """A tmpfs of its own at the jobs root, where nothing is mounted there yet and nothing is
+    in it (after the sweep); True if the root is such a tmpfs now, mounted by this call or
+    by another worker that shares it. A job dir's own directories and lock then cost
+    memory, not journalled ext4 writes: renaming, recycling and removing them was about
+    half of a trivial job's teardown (measured: 1.27 -> 0.68 ms, and x1.12 jobs/s for a
+    `none` worker). Its jobs' files are on their own tmpfs as before; a job dir that could
+    not get one fills at most `size_mb` of this. Workers that share the root share it: one
+    mounts it, under a lock on the root's parent, and the last one to stop leaves nothing
+    in it and unmounts it (`unmount_root`); one killed leaves it mounted, for the next one
+    to find and sweep. A root that holds anything, or that anything else is mounted on (an
+    operator's own tmpfs, say), stays as it is."""
+    try:
+        parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("jobs root %s stays as it is: %s", jobs_root, exc)
+        return False
+    try:
+        fcntl.flock(parent, fcntl.LOCK_EX)
+        if os.path.ismount(jobs_root):
+            return _source(jobs_root) == ROOT_SOURCE  # another worker's: shared
+        if not _empty(jobs_root):
+            return False  # another worker's job dirs, or anything else: left on its filesystem
+        mounts.tmpfs(str(jobs_root), size_mb, os.geteuid(), os.getegid(), ROOT_SOURCE)
+        os.chmod(jobs_root, 0o711)  # enter your own job dir; list nobody else's (R-HOST-4)
+        return True
+    except OSError as exc:  # mounts.MountError among them: no CAP_SYS_ADMIN here, say
+        log.debug("jobs root %s stays on its filesystem: %s", jobs_root, exc)
+        return False
+    finally:
+        os.close(parent)
+
+
+def unmount_root(jobs_root: Path) -> None:
+    """Detach the jobs root's tmpfs (`mount_root`) if nothing is in it: a worker that shares
+    it (its job dirs, or the one it made ahead) keeps it mounted, and unmounts it last."""
+    try:
+        parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(parent, fcntl.LOCK_EX)
+        if _source(jobs_root) == ROOT_SOURCE and _empty(jobs_root):
+            mounts.detach(str(jobs_root))
+    except OSError as exc:
+        log.warning("the tmpfs at the jobs root %s stays mounted: %s", jobs_root, exc)
+    finally:
+        os.close(parent)
+
+
+def _source(point: Path) -> str | None:
+    """The source of the topmost mount at `point` (this process's mount table), if any."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields, _, rest = line.partition(" - ")
+                if _unescape(fields.split(" ", 5)[4]) == str(point):
+                    found = rest.split(" ", 2)[1]
+    except (OSError, IndexError):
+        return None
+    return found
+
+
+def _empty(directory: Path) -> bool:
+    with os.scandir(directory) as entries:
+        return next(entries, None) is None
+
+
 def sweep_orphans(jobs_root: Path) -> list[str]:
     """Remove the job dirs whose worker died (no one holds their lock); returns their names."""
     swept: list[str] = []

@@ -44,6 +44,7 @@ Annotations after the header (below the first line of code) are not read.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -230,8 +231,11 @@ def _near_miss(key: str) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=4)  # scripts of up to 1 Mi characters (MAX_SCRIPT_CHARS)
 def parse_header(script: str) -> Header:
-    """The annotations of a script's header; AnnotationError on anything it cannot obey."""
+    """The annotations of a script's header; AnnotationError on anything it cannot obey.
+    Kept for the last scripts seen (a Header cannot change): a worker often runs the same
+    script again, and asks twice of a job it prepares ahead."""
     sandbox = False
     volumes: list[VolumeRequest] = []
     for number, line in _header(script):

@@ -53,10 +53,11 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str = 
     )
 
 
-def tmpfs(target: str, size_mb: int, uid: int, gid: int) -> None:
-    """A private tmpfs of `size_mb` that only uid:gid may enter; nothing in it runs setuid."""
+def tmpfs(target: str, size_mb: int, uid: int, gid: int, source: str = "orvanta-job") -> None:
+    """A private tmpfs of `size_mb` that only uid:gid may enter; nothing in it runs setuid.
+    `source` is its name in the mount table."""
     options = ",".join(f"{k}={v}" for k, v in _tmpfs_options(size_mb, uid, gid).items())
-    mount("orvanta-job", target, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    mount(source, target, "tmpfs", MS_NOSUID | MS_NODEV, options)
 
 
 def _tmpfs_options(size_mb: int, uid: int, gid: int) -> dict[str, str]:

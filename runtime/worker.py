@@ -54,12 +54,14 @@ class JobSource(Protocol):
     ) -> None: ...
 
 
-def start(settings: Settings) -> JobRunner:
-    """Everything a worker does before its first job; raises StartupError to refuse to start."""
+def start(settings: Settings, serving: bool = True) -> JobRunner:
+    """Everything a worker does before its first job; raises StartupError to refuse to start.
+    `serving`: jobs one after another, whose job dirs live on a tmpfs of the worker's own
+    where it can mount one (`JobRunner`'s `tmpfs_root`); not for `orvanta run`'s one job."""
     caps = probe_host(settings)
     log_mechanisms(settings, caps)
     protect_from_oom()
-    return JobRunner(settings, caps)
+    return JobRunner(settings, caps, tmpfs_root=serving)
 
 
 def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:

@@ -64,7 +64,7 @@ def render_config(
         if userns
         else ""
     )
-    return _settings_template(language, settings, cgroups.is_v2()).substitute(
+    return _settings_template(language, settings, cgroups.is_v2()).fill(
         job_dir=str(job_dir),
         time_limit=int(timeout) + 1,
         id_maps=id_maps,
@@ -79,8 +79,35 @@ def render_config(
     )
 
 
+class _Parts:
+    """A Template cut once into its text and its placeholders, so that a job's values are
+    joined in without a scan of the whole config per job; `fill` is Template.substitute."""
+
+    def __init__(self, template: Template) -> None:
+        self.parts: list[str] = []  # text at even places, a placeholder's name at odd ones
+        text, start = [], 0
+        for match in template.pattern.finditer(template.template):
+            text.append(template.template[start : match.start()])
+            start = match.end()
+            name = match.group("named") or match.group("braced")
+            if match.group("escaped") is not None:
+                text.append("$")
+            elif name is not None:
+                self.parts += ["".join(text), name]
+                text = []
+            else:
+                raise ValueError(f"invalid placeholder in the nsjail config at {match.start()}")
+        self.parts.append("".join(text) + template.template[start:])
+
+    def fill(self, **values: str | int) -> str:
+        parts = self.parts[:]
+        for i in range(1, len(parts), 2):
+            parts[i] = str(values[parts[i]])  # KeyError: a placeholder left unfilled
+        return "".join(parts)
+
+
 @functools.lru_cache(maxsize=8)  # a live job_isolation change is new settings (R-SEL-7)
-def _settings_template(language: str, settings: Settings, v2: bool) -> Template:
+def _settings_template(language: str, settings: Settings, v2: bool) -> _Parts:
     """The language's config with what the settings decide filled in, the job's own values
     still placeholders: rendered once per settings, not per job."""
     limits = settings.limits
@@ -104,7 +131,7 @@ def _settings_template(language: str, settings: Settings, v2: bool) -> Template:
         return values[name].replace("$", "$$") if name in values else match.group(0)
 
     template = config_template(language)
-    return Template(template.pattern.sub(fill, template.template))
+    return _Parts(Template(template.pattern.sub(fill, template.template)))
 
 
 _PLAIN = re.compile(r'[^"\\\x00-\x1f\x7f]*')

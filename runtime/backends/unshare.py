@@ -230,6 +230,13 @@ class PidNamespace:
         self.unshare = tool_path(self.name, caps)
         self.tini = caps.tini.path  # None: run without tini (warned at startup)
         self.colon_maps = idmap.hardened(settings) and colon_id_maps(self.unshare)
+        # whether the job's root has capabilities to drop depends on the flags' names alone,
+        # not on the ids a job maps: asked once, not parsed again for every job's flags
+        configured = settings.unshare_flags
+        self._drop = {
+            False: drop_caps(configured),
+            True: drop_caps(hardened_flags(configured, 0, 0, self.colon_maps)),
+        }
 
     def own_ids(self) -> bool:
         return True
@@ -249,7 +256,7 @@ class PidNamespace:
         init = [self.tini, "-s", "--"] if self.tini else []
         launcher_env = idmap.launcher_env(self.settings)
         flags = self.flags(job)
-        unshare = [self.unshare, *flags, "--", *drop_caps(flags)]
+        unshare = [self.unshare, *flags, "--", *self._drop[job.host_ids is not None]]
         if _has_dash() and not env.keys() & DASH_REFUSES:
             argv = [*unshare, DASH, "-s", "--", *init, *command]
             return Launch(argv, launcher_env, stdin=env_script(env, launcher_env).encode())

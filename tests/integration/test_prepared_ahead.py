@@ -311,11 +311,13 @@ def _mounted(path: Path) -> bool:
 
 
 @pytest.mark.req("R-JOB-5")
-def test_a_none_jobs_tmpfs_is_gone_before_a_job_whose_namespace_would_copy_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("first_backend", ["none", "unshare"])
+def test_a_jobs_tmpfs_is_gone_before_a_job_whose_namespace_would_copy_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_backend: str
 ) -> None:
-    """A `none` job's tmpfs is detached after its result (nothing copied it), but before the
-    spawn of a job that makes a mount namespace: none of it is in that job's namespace."""
+    """A job's tmpfs is detached after its result (its own namespace, if it had one, died
+    with it), but before the spawn of a job that makes a mount namespace: none of it is in
+    that job's namespace."""
     missing = tool_missing("unshare")
     if missing:
         pytest.skip(f"unshare: {missing}")
@@ -326,7 +328,8 @@ def test_a_none_jobs_tmpfs_is_gone_before_a_job_whose_namespace_would_copy_it(
         if not runner._mount:
             pytest.skip("job dirs are tmpfs only where the worker may mount (root)")
         first = JobSpec(own_id("first"), "bash", "echo secret > note\n")
-        assert runner.run(first).status == "success"
+        done = runner.run(first, plain if first_backend == "none" else isolated)
+        assert done.status == "success" and done.isolation == first_backend, done
         assert _mounted(runner.jobs_dir / first.id / "job"), "detached at once: not deferred"
         second = JobSpec(own_id("second"), "bash", "cat /proc/self/mountinfo\n")
         with monkeypatch.context() as patch:  # the teardown, beside the job, may come too late

@@ -18,7 +18,7 @@ import pytest
 from service_helpers import WorkerProcess
 
 from conformance.service import ROOT, Service
-from runtime.jobdir import sweep_orphans
+from runtime.jobdir import sweep_orphans, unmount_root
 from runtime.settings import Settings
 
 READY = "pulling jobs from"
@@ -79,7 +79,9 @@ def spawn_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     # a worker killed mid-job leaves its tmpfs job dir mounted until a worker of the same
     # jobs root starts again (runtime.jobdir.sweep_orphans); these never do
     for worker in started:
-        sweep_orphans(Settings(state_dir=tmp_path / f"{worker.name}-state").job_root)
+        job_root = Settings(state_dir=tmp_path / f"{worker.name}-state").job_root
+        sweep_orphans(job_root)
+        unmount_root(job_root)  # the tmpfs of its own a killed worker leaves at its jobs root
 
 
 @pytest.fixture
