@@ -127,8 +127,8 @@ class JobRunner:
         self, settings: Settings, caps: HostCapabilities, tmpfs_root: bool = False
     ) -> None:
         """`tmpfs_root`: a root worker mounts a tmpfs of its own at the jobs root where it can
-        (`runtime.jobdir.mount_root`), as `orvanta worker` does; the tmpfs each job gets is
-        made either way."""
+        (`runtime.jobdir.mount_root`), as `orvanta worker` does unless ORVANTA_JOBS_TMPFS is
+        false; the tmpfs each job gets is made either way."""
         self.settings = settings
         self.caps = caps
         settings.job_root.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -142,10 +142,13 @@ class JobRunner:
             log.warning("removed %d job dir(s) a killed worker left: %s", len(swept), swept)
         self._mount = os.geteuid() == 0  # job dirs as tmpfs; off after the first refusal
         self._root_mounted = (
-            tmpfs_root and self._mount and mount_root(self.jobs_dir, settings.limits.disk_mb)
+            tmpfs_root
+            and settings.jobs_tmpfs
+            and self._mount
+            and mount_root(self.jobs_dir, settings.limits.disk_mb)
         )
         if self._root_mounted:
-            log.info("jobs root %s: a tmpfs of its own (job dirs in memory)", self.jobs_dir)
+            log.debug("jobs root %s: a tmpfs of its own (job dirs in memory)", self.jobs_dir)
         groups = sweep_ahead()
         if groups:
             log.info("removed %d empty cgroup(s) a stopped worker made ahead", len(groups))
@@ -339,6 +342,11 @@ class JobRunner:
             ids, self._ids_ahead = self._ids_ahead, None
         if ids is not None:
             ids.release()
+
+    @property
+    def tmpfs_root(self) -> bool:
+        """The jobs root is a tmpfs of this worker's own, or of the workers sharing it."""
+        return self._root_mounted
 
     def close(self) -> None:
         """`settle`, for a runner done with (a test): nothing is left for the exit."""

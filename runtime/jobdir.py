@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -52,7 +53,8 @@ class JobDir:
         """The directories and the held lock, the worker's own: a job's under its id, or one
         made ahead of the job (`ahead`), which `create` renames to the job's id."""
         root = jobs_root / name
-        root.mkdir(mode=0o711)
+        with _root_lock(jobs_root, fcntl.LOCK_SH):  # never while the root is (un)mounted
+            root.mkdir(mode=0o711)
         job_dir = root / "job"
         job_dir.mkdir(mode=0o700)
         control = root / "control"
@@ -380,16 +382,25 @@ def mount_root(jobs_root: Path, size_mb: int) -> bool:
     mounts it, under a lock on the root's parent, and the last one to stop leaves nothing
     in it and unmounts it (`unmount_root`); one killed leaves it mounted, for the next one
     to find and sweep. A root that holds anything, or that anything else is mounted on (an
-    operator's own tmpfs, say), stays as it is."""
+    operator's own tmpfs or bind mount, say), stays as it is. A job dir is made under a
+    shared lock on the same parent (`make`), so none is made between the check and the
+    mount, or between `unmount_root`'s check and its detach.
+
+    Workers in different mount namespaces (systemd units with ProtectSystem=, containers
+    given the same host dir) each mount their own, and no longer see each other's job
+    dirs: a job whose lease one of them lost may then start on the other while it still
+    runs, as on two hosts. ORVANTA_JOBS_TMPFS=false keeps job dirs on the root's own
+    filesystem for them."""
     try:
         parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         log.debug("jobs root %s stays as it is: %s", jobs_root, exc)
         return False
     try:
-        fcntl.flock(parent, fcntl.LOCK_EX)
-        if os.path.ismount(jobs_root):
-            return _source(jobs_root) == ROOT_SOURCE  # another worker's: shared
+        fcntl.flock(parent, fcntl.LOCK_EX)  # as `_root_lock`, which `make` takes shared
+        source = _source(jobs_root)  # the mount table: a bind mount of the same fs is one too
+        if source is not None:
+            return source == ROOT_SOURCE  # another worker's: shared; else the operator's own
         if not _empty(jobs_root):
             return False  # another worker's job dirs, or anything else: left on its filesystem
         mounts.tmpfs(str(jobs_root), size_mb, os.geteuid(), os.getegid(), ROOT_SOURCE)
@@ -406,17 +417,11 @@ def unmount_root(jobs_root: Path) -> None:
     """Detach the jobs root's tmpfs (`mount_root`) if nothing is in it: a worker that shares
     it (its job dirs, or the one it made ahead) keeps it mounted, and unmounts it last."""
     try:
-        parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        fcntl.flock(parent, fcntl.LOCK_EX)
-        if _source(jobs_root) == ROOT_SOURCE and _empty(jobs_root):
-            mounts.detach(str(jobs_root))
+        with _root_lock(jobs_root, fcntl.LOCK_EX):
+            if _source(jobs_root) == ROOT_SOURCE and _empty(jobs_root):
+                mounts.detach(str(jobs_root))
     except OSError as exc:
         log.warning("the tmpfs at the jobs root %s stays mounted: %s", jobs_root, exc)
-    finally:
-        os.close(parent)
 
 
 def _source(point: Path) -> str | None:
@@ -431,6 +436,23 @@ def _source(point: Path) -> str | None:
     except (OSError, IndexError):
         return None
     return found
+
+
+@contextlib.contextmanager
+def _root_lock(jobs_root: Path, how: int) -> Iterator[None]:
+    """flock on the jobs root's parent: exclusive to mount or unmount the root's tmpfs,
+    shared to make a job dir in it. Where the parent cannot be opened, nothing is mounted
+    there by this worker either (`mount_root` opens it too)."""
+    try:
+        parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(parent, how)
+        yield
+    finally:
+        os.close(parent)
 
 
 def _empty(directory: Path) -> bool:

@@ -59,6 +59,7 @@ class Settings:
     python_path: str = "/usr/bin/python3"
     state_dir: Path = Path("/var/lib/orvanta")
     jobs_dir: Path | None = None  # None: beside the state dir, `<state dir>-jobs`
+    jobs_tmpfs: bool = True  # a serving root worker's jobs root on a tmpfs of its own
     # the host uid/gid a job's root becomes under unshare and nsjail when the worker is root;
     # 0 keeps the page's literal recipes (the job's root is the host's root), for comparison
     job_uid: int = 1_900_000_000
@@ -175,6 +176,7 @@ class Settings:
             python_path=python,
             state_dir=Path(env.get("ORVANTA_STATE_DIR") or "/var/lib/orvanta"),
             jobs_dir=Path(jobs_dir) if jobs_dir else None,
+            jobs_tmpfs=_bool(env, "ORVANTA_JOBS_TMPFS", True),
             job_uid=job_uid,
             job_gid=job_gid,
             job_id_count=job_id_count,

@@ -61,7 +61,10 @@ def start(settings: Settings, serving: bool = True) -> JobRunner:
     caps = probe_host(settings)
     log_mechanisms(settings, caps)
     protect_from_oom()
-    return JobRunner(settings, caps, tmpfs_root=serving)
+    runner = JobRunner(settings, caps, tmpfs_root=serving)
+    if runner.tmpfs_root:
+        log.info("job dirs: in memory, on a tmpfs at %s (ORVANTA_JOBS_DIR)", runner.jobs_dir)
+    return runner
 
 
 def log_mechanisms(settings: Settings, caps: HostCapabilities) -> None:

@@ -4,7 +4,9 @@ one to stop, and never over anything that is there already."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +31,9 @@ def root(tmp_path: Path) -> Iterator[Path]:
     jobdir.remove_tree(tmp_path)  # whatever a failed test left mounted, then the files
 
 
-def runner(root: Path, state: str) -> JobRunner:
+def runner(root: Path, state: str, **env: str) -> JobRunner:
     settings = Settings.from_env(
-        {"ORVANTA_JOBS_DIR": str(root), "ORVANTA_STATE_DIR": str(root.parent / state)}
+        {"ORVANTA_JOBS_DIR": str(root), "ORVANTA_STATE_DIR": str(root.parent / state), **env}
     )
     return JobRunner(settings, probe_host(settings), tmpfs_root=True)
 
@@ -99,8 +101,66 @@ def test_a_jobs_root_with_something_in_it_or_mounted_on_stays_as_it_is(root: Pat
     jobdir.mounts.tmpfs(str(root), 8, 0, 0, "operator-own")
     try:
         worker = runner(root, "state")
+        mounted = worker.tmpfs_root
         worker.close()
-        assert not worker._root_mounted, "an operator's own mount taken as the worker's"
+        assert not mounted, "an operator's own mount taken as the worker's"
         assert os.path.ismount(root) and jobdir._source(root) == "operator-own"
     finally:
         jobdir.mounts.detach(str(root))
+    # a bind mount from the same filesystem, which os.path.ismount does not see
+    disk = root.parent / "operator-disk"
+    disk.mkdir()
+    jobdir.mounts.mount(str(disk), str(root), None, jobdir.mounts.MS_BIND)
+    try:
+        worker = runner(root, "state")
+        mounted = worker.tmpfs_root
+        worker.close()
+        assert not mounted, "mounted over an operator's bind mount"
+        assert jobdir._source(root) != jobdir.ROOT_SOURCE
+    finally:
+        jobdir.mounts.detach(str(root))
+
+
+@pytest.mark.req("R-JOB-5")
+def test_orvanta_jobs_tmpfs_false_keeps_job_dirs_on_the_roots_filesystem(root: Path) -> None:
+    worker = runner(root, "state", ORVANTA_JOBS_TMPFS="false")
+    try:
+        assert not worker.tmpfs_root and not os.path.ismount(root)
+        assert worker.run(job("ondisk")).status == "success"
+    finally:
+        worker.close()
+
+
+@pytest.mark.req("R-JOB-5")
+def test_no_job_dir_is_made_while_the_root_is_being_unmounted(root: Path) -> None:
+    """A job dir is made under a shared lock on the root's parent, which `unmount_root` takes
+    exclusively: one made by a sharing worker lands in the tmpfs before the check (which
+    then keeps it mounted) or on the disk after the detach, never in a detached tmpfs."""
+    first = runner(root, "state-a")
+    first.settle()  # nothing of its own in the root
+    made: list[jobdir.JobDir] = []
+    blocked = threading.Event()
+    parent = os.open(root.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(parent, fcntl.LOCK_EX)  # as unmount_root between its check and detach
+
+        def make() -> None:
+            blocked.set()
+            made.append(jobdir.JobDir.make(root, "sharer0000000001"))
+
+        maker = threading.Thread(target=make)
+        maker.start()
+        blocked.wait(5)
+        time.sleep(0.2)
+        assert not made, "a job dir was made while the root's lock was held exclusively"
+        jobdir.mounts.detach(str(root))  # the unmount the lock was held for
+        fcntl.flock(parent, fcntl.LOCK_UN)
+        maker.join(5)
+        assert made and made[0].root.is_dir(), "made in a detached tmpfs, out of everyone's reach"
+        assert not os.path.ismount(root)
+    finally:
+        os.close(parent)
+        for place in made:
+            place.remove()
+        first._root_mounted = False
+        first.close()

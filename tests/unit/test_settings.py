@@ -22,6 +22,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert s.disable_nuser is False  # R-CFG-5
     assert s.job_isolation is None  # R-CFG-6
     assert s.force_nsjail is False
+    assert s.jobs_tmpfs is True  # a serving root worker's job dirs in memory
 
 
 @pytest.mark.req("R-CFG-1", "R-CFG-4", "R-CFG-5")
@@ -115,6 +116,7 @@ def test_job_isolation_none_is_accepted_and_does_not_force_nsjail() -> None:
         ("ENABLE_UNSHARE_PID", "enable_unshare_pid"),
         ("DISABLE_NSJAIL", "disable_nsjail"),
         ("DISABLE_NUSER", "disable_nuser"),
+        ("ORVANTA_JOBS_TMPFS", "jobs_tmpfs"),
     ],
 )
 def test_bool_forms(variable: str, attribute: str, raw: str, expected: bool) -> None:
@@ -134,7 +136,7 @@ def test_enable_unshare_pid_maybe_is_refused_naming_variable_value_and_accepted(
 
 
 @pytest.mark.req("R-CFG-7", "R-CFG-4", "R-CFG-5")
-@pytest.mark.parametrize("variable", ["DISABLE_NSJAIL", "DISABLE_NUSER"])
+@pytest.mark.parametrize("variable", ["DISABLE_NSJAIL", "DISABLE_NUSER", "ORVANTA_JOBS_TMPFS"])
 def test_other_bad_bools_are_refused(variable: str) -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({variable: "perhaps"})
