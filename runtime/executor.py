@@ -147,8 +147,6 @@ class JobRunner:
             and self._mount
             and mount_root(self.jobs_dir, settings.limits.disk_mb)
         )
-        if self._root_mounted:
-            log.debug("jobs root %s: a tmpfs of its own (job dirs in memory)", self.jobs_dir)
         groups = sweep_ahead()
         if groups:
             log.info("removed %d empty cgroup(s) a stopped worker made ahead", len(groups))

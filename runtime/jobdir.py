@@ -392,32 +392,25 @@ def mount_root(jobs_root: Path, size_mb: int) -> bool:
     runs, as on two hosts. ORVANTA_JOBS_TMPFS=false keeps job dirs on the root's own
     filesystem for them."""
     try:
-        parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        log.debug("jobs root %s stays as it is: %s", jobs_root, exc)
-        return False
-    try:
-        fcntl.flock(parent, fcntl.LOCK_EX)  # as `_root_lock`, which `make` takes shared
-        source = _source(jobs_root)  # the mount table: a bind mount of the same fs is one too
-        if source is not None:
-            return source == ROOT_SOURCE  # another worker's: shared; else the operator's own
-        if not _empty(jobs_root):
-            return False  # another worker's job dirs, or anything else: left on its filesystem
-        mounts.tmpfs(str(jobs_root), size_mb, os.geteuid(), os.getegid(), ROOT_SOURCE)
-        os.chmod(jobs_root, 0o711)  # enter your own job dir; list nobody else's (R-HOST-4)
-        return True
+        with _root_lock(jobs_root, fcntl.LOCK_EX, required=True):
+            source = _source(jobs_root)  # the mount table: a bind mount from the same fs too
+            if source is not None:
+                return source == ROOT_SOURCE  # another worker's: shared; else the operator's
+            if not _empty(jobs_root):
+                return False  # another worker's job dirs, or anything else: left as it is
+            mounts.tmpfs(str(jobs_root), size_mb, os.geteuid(), os.getegid(), ROOT_SOURCE)
+            os.chmod(jobs_root, 0o711)  # enter your own job dir; list nobody else's (R-HOST-4)
+            return True
     except OSError as exc:  # mounts.MountError among them: no CAP_SYS_ADMIN here, say
         log.debug("jobs root %s stays on its filesystem: %s", jobs_root, exc)
         return False
-    finally:
-        os.close(parent)
 
 
 def unmount_root(jobs_root: Path) -> None:
     """Detach the jobs root's tmpfs (`mount_root`) if nothing is in it: a worker that shares
     it (its job dirs, or the one it made ahead) keeps it mounted, and unmounts it last."""
     try:
-        with _root_lock(jobs_root, fcntl.LOCK_EX):
+        with _root_lock(jobs_root, fcntl.LOCK_EX, required=True):
             if _source(jobs_root) == ROOT_SOURCE and _empty(jobs_root):
                 mounts.detach(str(jobs_root))
     except OSError as exc:
@@ -426,26 +419,20 @@ def unmount_root(jobs_root: Path) -> None:
 
 def _source(point: Path) -> str | None:
     """The source of the topmost mount at `point` (this process's mount table), if any."""
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                if _unescape(fields.split(" ", 5)[4]) == str(point):
-                    found = rest.split(" ", 2)[1]
-    except (OSError, IndexError):
-        return None
-    return found
+    sources = [source for at, source in _mount_table() if at == str(point)]
+    return sources[-1] if sources else None
 
 
 @contextlib.contextmanager
-def _root_lock(jobs_root: Path, how: int) -> Iterator[None]:
-    """flock on the jobs root's parent: exclusive to mount or unmount the root's tmpfs,
-    shared to make a job dir in it. Where the parent cannot be opened, nothing is mounted
-    there by this worker either (`mount_root` opens it too)."""
+def _root_lock(jobs_root: Path, how: int, required: bool = False) -> Iterator[None]:
+    """flock on the jobs root's parent: exclusive to mount or unmount the root's tmpfs
+    (`required`: OSError where the parent cannot be opened), shared to make a job dir in it
+    (made unlocked there: nothing is mounted at such a root by this worker either)."""
     try:
         parent = os.open(jobs_root.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
+        if required:
+            raise
         yield
         return
     try:
@@ -489,17 +476,22 @@ def remove_tree(root: Path) -> None:
 
 
 def _mount_points(prefix: str) -> list[str]:
+    return [point for point, _ in _mount_table() if point.startswith(prefix)]
+
+
+def _mount_table() -> list[tuple[str, str]]:
+    """(mount point, source) of each line of this process's mountinfo, in its order."""
     try:
         with open("/proc/self/mountinfo") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
-    points = []
+    table = []
     for line in lines:
-        point = _unescape(line.split(" ", 5)[4])
-        if point.startswith(prefix):
-            points.append(point)
-    return points
+        fields, _, rest = line.partition(" - ")
+        source = rest.split(" ", 2)[1] if " " in rest else ""  # fstype source options
+        table.append((_unescape(fields.split(" ", 5)[4]), source))
+    return table
 
 
 def _unescape(field_text: str) -> str:
